@@ -1,0 +1,26 @@
+"""Shared fixtures: where the golden vectors live, and a repo-root path for launching scripts."""
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden fixtures not found at {GOLDEN}: the checkout needs ../shared beside it")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_cpu():
+    torch.manual_seed(0)
+    yield
