@@ -144,7 +144,7 @@ class FolderImages(Dataset):
             if im.size != self.size:
                 raise ValueError(f"{self.files[i]} is {im.size[0]}x{im.size[1]} but {self.files[0]} is "
                                  f"{self.size[0]}x{self.size[1]}: resize the folder to one size first")
-            return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def open_images(path: str | os.PathLike) -> Dataset:
