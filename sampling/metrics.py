@@ -328,6 +328,7 @@ class Evaluator:
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if cfg.device == "auto" else cfg.device)
         self.cache_root = Path(cfg.cache_root).expanduser() if cfg.cache_root else _default_cache_root()
+        self._references: dict[tuple[str, bool], Reference] = {}
         layers = [POOL, LOGITS] if cfg.isc else [POOL]
         with _socket_timeout(60):
             extractor = create_feature_extractor(FEATURE_EXTRACTOR, layers, cuda=False, verbose=False,
@@ -351,20 +352,26 @@ class Evaluator:
         return {name: torch.cat(fs) for name, fs in out.items()}
 
     def reference(self, path: str | os.PathLike, stats: dict | None, need_images: bool) -> Reference:
+        """The reference, memoised: a sweep scores many sample sets against one."""
+        key = (str(path), need_images)
+        if key not in self._references:
+            self._references[key] = self._load_reference(path, stats, need_images)
+        return self._references[key]
+
+    def _load_reference(self, path: str | os.PathLike, stats: dict | None, need_images: bool) -> Reference:
         """Pool features of the reference images when needed, cached on disk (see reference_cache_key)."""
         sha = sha256_images(path, self.cfg.progress)
         if not need_images:
             return Reference(pool=None, stats=stats, sha256=sha)
         cache = self.cache_root / (reference_cache_key(sha, self.weights_sha256) + ".pt")
         if cache.is_file():
-            pool = torch.load(cache, weights_only=True)["pool"]
-        else:
-            pool = self.features(open_images(path), desc="inception (reference)")[POOL]
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-            torch.save({"pool": pool, "reference": str(path), "reference_sha256": sha,
-                        "weights_sha256": self.weights_sha256}, tmp)
-            os.replace(tmp, cache)
+            return Reference(pool=torch.load(cache, weights_only=True)["pool"], stats=stats, sha256=sha)
+        pool = self.features(open_images(path), desc="inception (reference)")[POOL]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        torch.save({"pool": pool, "reference": str(path), "reference_sha256": sha,
+                    "weights_sha256": self.weights_sha256}, tmp)
+        os.replace(tmp, cache)
         return Reference(pool=pool, stats=stats, sha256=sha)
 
     def evaluate(self, samples: str | os.PathLike, reference: str | os.PathLike) -> dict:
