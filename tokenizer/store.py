@@ -1,0 +1,178 @@
+"""The code store: MGVQ codes of every image and view, memory-mapped, written in place, resumable.
+
+A complete store is a directory with
+    codes.npy   uint16 (N, A, h, w, G)   view 0 = the plain center crop
+    labels.npy  int64 (N,)               sorted ImageFolder class index; -1 for an image skipped as unreadable
+    meta.json   the spec (how the codes were made) and `bad_files`
+While an extraction runs, `spec.json` and `done.npy` (one byte per image, set only after that image's codes
+are flushed) sit beside codes.npy and labels.npy; meta.json is written last, atomically, and only then are
+the two removed. So a directory holds a usable store exactly when it holds meta.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib.format import open_memmap
+
+CODES, LABELS, META, SPEC, DONE = "codes.npy", "labels.npy", "meta.json", "spec.json", "done.npy"
+FORMAT_VERSION = 1
+REQUIRED_META = ("tokenizer", "tokenizer_sha256", "image_size", "views", "num_views", "groups", "codes_per_group",
+                 "grid", "num_images", "num_classes", "class_names", "files_fingerprint")
+
+
+class StoreMismatchError(ValueError):
+    """An existing store in out_dir was made with other settings than the ones asked for."""
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable: {e}") from e
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def spec_differences(have: dict, want: dict) -> list[str]:
+    """'key: X in the store, Y now' for every (nested) key whose value differs."""
+    a, b = _flatten(have), _flatten(want)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<missing>") != b.get(key, "<missing>"):
+            diffs.append(f"{key}: {a.get(key, '<missing>')!r} in the store, {b.get(key, '<missing>')!r} now")
+    return diffs
+
+
+class CodeStore:
+    """A complete code store, opened read-only: `.codes` (memmap), `.labels`, `.meta`, `.fingerprint`."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"code store {self.dir} does not exist")
+        if not (self.dir / META).is_file():
+            if (self.dir / SPEC).is_file():
+                done = np.load(self.dir / DONE, mmap_mode="r") if (self.dir / DONE).is_file() else np.zeros(0)
+                raise ValueError(f"code store {self.dir} is incomplete ({int(done.sum())} of {len(done)} images "
+                                 f"extracted): rerun the same extract_codes command to finish it")
+            raise FileNotFoundError(f"{self.dir} is not a code store: it has no {META}")
+        self.meta = read_json(self.dir / META)
+        missing = [k for k in REQUIRED_META if k not in self.meta]
+        if missing:
+            raise ValueError(f"{self.dir / META} lacks {missing}")
+        try:
+            self.codes = np.load(self.dir / CODES, mmap_mode="r")
+            self.labels = np.load(self.dir / LABELS)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"code store {self.dir}: cannot read {CODES} / {LABELS}: {e}") from e
+        m = self.meta
+        want = (m["num_images"], m["num_views"], *m["grid"], m["groups"])
+        if self.codes.dtype != np.uint16 or self.codes.shape != want:
+            raise ValueError(f"{self.dir / CODES} is {self.codes.dtype} {self.codes.shape}, meta.json says uint16 {want}")
+        if self.labels.dtype != np.int64 or self.labels.shape != (m["num_images"],):
+            raise ValueError(f"{self.dir / LABELS} is {self.labels.dtype} {self.labels.shape}, "
+                             f"meta.json says int64 ({m['num_images']},)")
+        h = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        h.update(self.labels.tobytes())
+        self.fingerprint = h.hexdigest()  # content id: what made the codes and which images they are
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class StoreWriter:
+    """Creates or resumes a store in `directory` for `spec`; ranks write disjoint images into shared memmaps.
+
+    Call order: `check(spec)` on every rank (refuses a mismatch before any work), `create(labels)` on the main
+    process when `check` said "new", a barrier, then `open()` and `write(...)` on every rank, a barrier, and
+    `finalize()` on the main process.
+    """
+
+    def __init__(self, directory: str | Path, spec: dict):
+        self.dir = Path(directory)
+        self.spec = spec
+
+    def check(self) -> str:
+        """'complete', 'partial' (resume) or 'new'; raises StoreMismatchError naming what differs."""
+        for name, state in ((META, "complete"), (SPEC, "partial")):
+            path = self.dir / name
+            if path.is_file():
+                have = read_json(path)
+                have = {k: v for k, v in have.items() if k != "bad_files"}
+                diffs = spec_differences(have, self.spec)
+                if diffs:
+                    raise StoreMismatchError(
+                        f"{self.dir} already holds a code store made with other settings; use another out_dir or "
+                        f"delete it. Differences:\n  " + "\n  ".join(diffs))
+                return state
+        return "new"
+
+    def create(self, labels: np.ndarray) -> None:
+        """Zero-filled codes, the labels, an all-zero done mask; spec.json last, as the mark of a valid start."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        s = self.spec
+        shape = (s["num_images"], s["num_views"], *s["grid"], s["groups"])
+        open_memmap(self.dir / CODES, mode="w+", dtype=np.uint16, shape=shape).flush()
+        out = open_memmap(self.dir / LABELS, mode="w+", dtype=np.int64, shape=(s["num_images"],))
+        out[:] = labels
+        out.flush()
+        open_memmap(self.dir / DONE, mode="w+", dtype=np.uint8, shape=(s["num_images"],)).flush()
+        write_json_atomic(self.dir / SPEC, self.spec)
+
+    def open(self) -> np.ndarray:
+        """Open the memmaps for writing; returns the indices not yet done, the same on every rank."""
+        self.codes = np.load(self.dir / CODES, mmap_mode="r+")
+        self.labels = np.load(self.dir / LABELS, mmap_mode="r+")
+        self.done = np.load(self.dir / DONE, mmap_mode="r+")
+        return np.flatnonzero(self.done == 0)
+
+    def write(self, indices: np.ndarray, codes: np.ndarray, bad: np.ndarray) -> None:
+        """Codes (B, A, h, w, G) of images `indices`; `bad` (B,) bool marks unreadable ones (label -1, codes 0)."""
+        self.codes[indices] = np.where(bad[:, None, None, None, None], 0, codes)
+        self.codes.flush()
+        if bad.any():
+            self.labels[indices[bad]] = -1
+            self.labels.flush()
+        self._mark_done(indices)
+
+    def _mark_done(self, indices: np.ndarray) -> None:
+        # Only after the codes are on disk (flushed above): a kill in between leaves the images to redo.
+        self.done[indices] = 1
+        self.done.flush()
+
+    def finalize(self, files: list[str]) -> dict:
+        """Write meta.json (spec + bad_files) once every image is done; drop the progress files."""
+        done = np.load(self.dir / DONE, mmap_mode="r")
+        if not done.all():
+            raise RuntimeError(f"{self.dir}: {int((done == 0).sum())} images were not extracted")
+        labels = np.load(self.dir / LABELS, mmap_mode="r")
+        meta = dict(self.spec, bad_files=[files[i] for i in np.flatnonzero(labels < 0)])
+        write_json_atomic(self.dir / META, meta)
+        self.remove_progress_files()
+        return meta
+
+    def remove_progress_files(self) -> None:
+        for name in (SPEC, DONE):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for name in ("codes", "labels", "done"):
+            self.__dict__.pop(name, None)
