@@ -1,0 +1,23 @@
+"""Encode an ImageFolder into a memory-mapped code store with a frozen MGVQ tokenizer.
+
+    accelerate launch scripts/extract_codes.py data.root=imagenet/train data.image_size=256 data.views=tencrop \
+        tokenizer=mgvq-f16c32-g4 tokenizer.checkpoint=mgvq_f16c32_g4.pt out_dir=codes/imagenet256
+
+Rerunning the same command resumes; other settings into the same out_dir are refused. Every key of
+tokenizer.extract.ExtractConfig can be set as KEY=VALUE (see conf/extract_codes.yaml).
+"""
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from tokenizer.extract import ExtractConfig, extract
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="extract_codes")
+def main(cfg: DictConfig) -> None:
+    # Merge onto the dataclass schema: unknown keys and wrong types fail here, before any work.
+    cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), cfg)
+    extract(OmegaConf.to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

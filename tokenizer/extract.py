@@ -1,0 +1,147 @@
+"""Encode an ImageFolder into a code store with a frozen MGVQ tokenizer, on one or many processes.
+
+Each process encodes a disjoint contiguous slice of the images not yet done and writes straight into the
+shared memory-mapped files (no gather, no per-image files). Rerunning the same command resumes; a rerun
+with other settings into the same out_dir is refused with the list of what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from tokenizer import TokenizerConfig, load_tokenizer, sha256_file
+from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
+from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DataConfig:
+    root: str  # an ImageFolder: one sub-directory per class
+    image_size: int = 256
+    views: str = "flip"  # plain | flip | tencrop | tencrop_flip (see tokenizer/data.py)
+    crop_range: float = 1.1  # ten-crop: crops are cut from the center crop at int(image_size * crop_range)
+    skip_bad: bool = False  # True: an unreadable image gets label -1 and zero codes and is listed in meta.json
+
+
+@dataclass
+class ExtractConfig:
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    out_dir: str
+    batch_size: int = 32  # images per step and process; the encoder sees batch_size * num_views crops
+    num_workers: int = 4
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA (codes may then differ where two are close); CPU runs fp32
+
+
+class BadImageError(RuntimeError):
+    """An image could not be read and data.skip_bad is false."""
+
+
+def tokenizer_dict(tokenizer: TokenizerConfig) -> dict:
+    d = tokenizer.to_dict()
+    d.pop("checkpoint", None)
+    return d
+
+
+def build_spec(cfg: ExtractConfig, files: list[str], labels: list[int], classes: list[str], precision: str) -> dict:
+    """Everything that determines the store's bytes; a resumed or repeated run must match it exactly."""
+    tok, size = cfg.tokenizer, cfg.data.image_size
+    if cfg.data.views not in NUM_VIEWS:
+        raise ValueError(f"data.views={cfg.data.views!r}: expected one of {sorted(NUM_VIEWS)}")
+    if size % tok.downsample:
+        raise ValueError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
+    if tok.codebook_size % tok.codebook_groups or tok.codebook_size // tok.codebook_groups > 2**16:
+        raise ValueError(f"tokenizer.codebook_size={tok.codebook_size} must split into codebook_groups="
+                         f"{tok.codebook_groups} groups of at most 65536 codes (uint16)")
+    if tok.checkpoint is None or not Path(tok.checkpoint).is_file():
+        raise FileNotFoundError(f"tokenizer.checkpoint={tok.checkpoint} is not a file")
+    tencrop = cfg.data.views.startswith("tencrop")
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "tokenizer": tokenizer_dict(tok),
+        "tokenizer_sha256": sha256_file(tok.checkpoint),
+        "image_size": size,
+        "views": cfg.data.views,
+        "num_views": NUM_VIEWS[cfg.data.views],
+        "crop_range": cfg.data.crop_range if tencrop else None,
+        "precision": precision,
+        "groups": tok.codebook_groups,
+        "codes_per_group": tok.codebook_size // tok.codebook_groups,
+        "grid": [size // tok.downsample, size // tok.downsample],
+        "num_images": len(files),
+        "num_classes": len(classes),
+        "class_names": classes,
+        "files_fingerprint": files_fingerprint(cfg.data.root, files, labels),
+    }
+
+
+def extract(cfg: ExtractConfig) -> dict:
+    """Fill (or finish) the code store `cfg.out_dir`; returns its meta."""
+    accelerator = Accelerator()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if cfg.precision not in AUTOCAST:
+        raise ValueError(f"precision={cfg.precision!r}: expected one of {sorted(AUTOCAST)}")
+    precision = cfg.precision if device.type == "cuda" else "fp32"
+
+    files, labels, classes = list_images(cfg.data.root)
+    spec = build_spec(cfg, files, labels, classes, precision)
+    writer = StoreWriter(cfg.out_dir, spec)
+    state = writer.check()  # every rank checks, so a refusal stops all of them alike
+    if state == "complete":
+        if accelerator.is_main_process:
+            print(f"{cfg.out_dir}: code store already complete ({len(files)} images)")
+            writer.remove_progress_files()  # left behind by a kill right after meta.json was written
+        return CodeStore(cfg.out_dir).meta
+    if state == "new" and accelerator.is_main_process:
+        writer.create(np.asarray(labels, dtype=np.int64))
+    accelerator.wait_for_everyone()
+
+    todo = writer.open()
+    mine = np.array_split(todo, world)[rank]  # contiguous, disjoint, the same split on every rank
+    print(f"[rank {rank}/{world}] {len(mine)} of {len(todo)} images left to encode", flush=True)
+    dataset = ImageViews(cfg.data.root, cfg.data.image_size, cfg.data.views, cfg.data.crop_range, files, labels)
+    loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
+    model = load_tokenizer(cfg.tokenizer.checkpoint, cfg.tokenizer).to(device)
+    dtype = AUTOCAST[precision]
+    h, w = spec["grid"]
+
+    # One bar on the main process for all ranks: it counts world_size images per image of its own slice.
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", dynamic_ncols=True,
+               desc=f"extract x{world}" if world > 1 else "extract", disable=not accelerator.is_main_process)
+    for index, x, _, errors in loader:
+        B, A = x.shape[:2]
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            codes = model.encode_codes(x.flatten(0, 1).to(device, non_blocking=True))  # (B * A, h, w, G)
+        if codes.shape != (B * A, h, w, spec["groups"]):
+            raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, spec['groups'])}")
+        codes = codes.view(B, A, h, w, -1).cpu().numpy().astype(np.uint16)
+        index, bad = index.numpy(), np.array([bool(e) for e in errors])
+        if bad.any() and not cfg.data.skip_bad:
+            writer.write(index[~bad], codes[~bad], bad[~bad])  # keep the readable images of this batch
+            message = next(e for e in errors if e)
+            raise BadImageError(f"unreadable image {message}\nEverything extracted so far is kept: fix or remove "
+                                f"the file, or rerun with data.skip_bad=true to give it label -1")
+        writer.write(index, codes, bad)
+        bar.update(min(B * world, bar.total - bar.n))
+    bar.close()
+    writer.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = writer.finalize(files)
+        print(f"{cfg.out_dir}: {len(files)} images x {spec['num_views']} views -> codes "
+              f"{tuple([len(files), spec['num_views'], h, w, spec['groups']])}"
+              + (f", {len(meta['bad_files'])} unreadable images skipped" if meta["bad_files"] else ""))
+    accelerator.wait_for_everyone()
+    return CodeStore(cfg.out_dir).meta
