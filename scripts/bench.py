@@ -8,11 +8,49 @@ import argparse
 
 
 def bench_extract(args: argparse.Namespace) -> None:
-    raise NotImplementedError("bench extract: not written yet")
+    """Tokenizer encode throughput (images -> codes, the work of extract_codes per view) on random images."""
+    import time
+
+    import torch
+
+    from tokenizer import MGVQ, MGVQConfig, load_tokenizer
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    name, _, groups = args.preset.rpartition("-g")  # mgvq-f16c32-g4 -> ("mgvq-f16c32", "4")
+    config = MGVQConfig.preset(name, int(groups))
+    model = load_tokenizer(args.checkpoint, config) if args.checkpoint else MGVQ(config).eval().requires_grad_(False)
+    model = model.to(device)
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+    @torch.no_grad()
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model.encode_codes(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - start) / args.steps
+    print(f"extract {args.preset} {args.image_size}px batch {args.batch_size}, {args.precision}, {device}: "
+          f"{seconds * 1e3:.1f} ms/batch, {args.batch_size / seconds:,.1f} images/s (per view)")
+    if device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 def add_extract_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--preset", default="mgvq-f16c32-g4", help="mgvq-{f8,f16,f32}c32-g{4,8}")
+    p.add_argument("--checkpoint", default=None, help="tokenizer weights (random weights when omitted)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
 
 
 def bench_train(args: argparse.Namespace) -> None:
