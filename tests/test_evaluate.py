@@ -1,4 +1,7 @@
 """Evaluation through torch-fidelity: the real extractor with random weights, ADM conventions, clear errors."""
+import csv
+import dataclasses
+import importlib.util
 import json
 import math
 import pickle
@@ -288,3 +291,42 @@ def test_fid_uses_the_stored_adm_statistics(image_sets, inception_weights, featu
     assert result["settings"]["fid_reference"] == "stored mu/sigma"
     assert result["settings"]["num_reference_images"] == 0
     assert not (tmp_path / "cache").exists()  # the reference images were not even read
+
+
+def _load_sweep_module(repo: Path):
+    spec = importlib.util.spec_from_file_location("sweep_cfg", repo / "scripts" / "sweep_cfg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_writes_csv_and_plot_and_resumes(repo, image_sets, inception_weights, cache_root, tmp_path):
+    sweep_cfg = _load_sweep_module(repo)
+    ref = np.load(image_sets["ref"])["arr_0"]
+    drawn = []
+
+    def draw(cfg_scale, top_k, num_samples, path):  # stand-in sampler: more guidance, more reference-like
+        drawn.append((cfg_scale, top_k))
+        near = int(num_samples * cfg_scale / 4)
+        blocky = np.random.default_rng(top_k).integers(0, 256, (num_samples - near, 8, 8, 3)).repeat(4, 1).repeat(4, 2)
+        np.savez(path, arr_0=np.concatenate([ref[:near], blocky.astype(np.uint8)]))
+
+    cfg = sweep_cfg.SweepConfig(out_dir=str(tmp_path / "sweep"), cfg_scales=[1.0, 3.0], num_samples=N,
+                                evaluate=_cfg(image_sets, inception_weights, cache_root, samples=""))
+    rows = sweep_cfg.sweep(cfg, draw, default_top_k=0)
+    assert drawn == [(1.0, 0), (3.0, 0)]
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(float(r["cfg_scale"]), int(r["top_k"])) for r in table] == [(1.0, 0), (3.0, 0)]
+    for row, line in zip(rows, table):
+        saved = json.loads(metrics_path(row["samples"]).read_text())
+        assert float(line["fid"]) == saved["metrics"]["fid"] and float(line["recall"]) == saved["metrics"]["recall"]
+        assert saved["settings"]["num_samples"] == N
+    assert rows[1]["fid"] < rows[0]["fid"]  # 9 of 12 reference images at scale 3 against 3 at scale 1
+    with Image.open(tmp_path / "sweep" / "sweep.png") as im:
+        assert im.format == "PNG" and im.size[0] > 500
+
+    drawn.clear()
+    again = sweep_cfg.sweep(dataclasses.replace(cfg, cfg_scales=[1.0, 3.0, 2.0]), draw, default_top_k=0)
+    assert drawn == [(2.0, 0)]  # the finished settings are reused, not sampled or scored again
+    assert again[:2] == rows and len(again) == 3
