@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import struct
-import sys
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +61,6 @@ class EvalConfig:
     progress: bool = True
 
 
-
 def _npz_member(path: Path, name: str) -> np.ndarray:
     """Memory-map member `name` of an uncompressed .npz; a compressed member is read into RAM."""
     try:
@@ -72,8 +71,8 @@ def _npz_member(path: Path, name: str) -> np.ndarray:
     except KeyError:
         raise KeyError(f"{path} has no array {name!r}") from None
     if info.compress_type != zipfile.ZIP_STORED:
-        print(f"warning: {path}:{name} is compressed and cannot be memory-mapped; reading it into RAM "
-              f"(write it with np.savez, not np.savez_compressed, to stream it)", file=sys.stderr)
+        warnings.warn(f"{path}:{name} is compressed and cannot be memory-mapped; reading it into RAM "
+                      f"(write it with np.savez, not np.savez_compressed, to stream it)", stacklevel=2)
         with np.load(path) as npz:
             return npz[name]
     with open(path, "rb") as f:
@@ -156,7 +155,6 @@ def open_images(path: str | os.PathLike) -> Dataset:
     return NpzImages(path)
 
 
-
 def sha256_file(path: str | os.PathLike, progress: bool = False) -> str:
     """Full sha256 of a file, streamed (about 1 GB/s; a progress bar for big files)."""
     path, h = Path(path), hashlib.sha256()
@@ -179,7 +177,6 @@ def sha256_images(path: str | os.PathLike, progress: bool = False) -> str:
                   leave=False):
         h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
-
 
 
 def resolve_inception_weights(path: str | None = None) -> Path:
@@ -222,7 +219,6 @@ def _exact_float32_convs():
         yield
     finally:
         conv.fp32_precision = previous
-
 
 
 @dataclass
@@ -311,7 +307,6 @@ def compute_metrics(cfg: EvalConfig, feats: dict[str, torch.Tensor], ref: Refere
         out["kid"] = kid[torch_fidelity.KEY_METRIC_KID_MEAN]
         out["kid_std"] = kid[torch_fidelity.KEY_METRIC_KID_STD]
     return out
-
 
 
 def _default_cache_root() -> Path:
