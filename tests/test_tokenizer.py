@@ -186,6 +186,12 @@ def test_layouts_state_dict_ema_and_own_file(tmp_path, golden, expected, tiny, t
     model = load_tokenizer(tmp_path / "own.pt")
     assert model.config == tiny_config
     assert torch.equal(model.encode_codes(expected["images"]), tiny.encode_codes(expected["images"]))
+    # A given config must equal the stored one, even where keys and shapes could not tell (an activation).
+    model = load_tokenizer(tmp_path / "own.pt", TokenizerConfig(**vars(tiny_config), checkpoint="own.pt"))
+    assert torch.equal(model.quant_conv.weight, tiny.quant_conv.weight)
+    other = MGVQConfig.from_dict({**expected["config"], "decoder": {**expected["config"]["decoder"], "act": "silu"}})
+    with pytest.raises(ValueError, match="decoder.act"):
+        load_tokenizer(tmp_path / "own.pt", other)
 
 
 def test_strict_loading_names_what_is_wrong(tmp_path, golden, tiny_config):

@@ -59,23 +59,41 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
         raise RuntimeError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
 
 
+def architecture(config: MGVQConfig) -> dict:
+    """The config's architecture fields, flattened to dotted keys (a TokenizerConfig's checkpoint left out)."""
+    flat = {}
+    for k, v in MGVQConfig.to_dict(config).items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        elif k != "checkpoint":
+            flat[k] = v
+    return flat
+
+
 def load_tokenizer(path: str | os.PathLike, config: MGVQConfig | None = None, map_location="cpu") -> MGVQ:
     """An MGVQ tokenizer from `path`, in eval mode with gradients off.
 
     The file is the official layout (`{"state_dict": sd}`, `{"model": sd}`, `{"ema": sd}`; EMA wins over model
     over state_dict) or this project's `{"model": sd, "config": MGVQConfig.to_dict()}`. `config` None reads the
-    stored config. Keys and shapes must match exactly.
+    stored config; a config given for a file that stores one must equal it. Keys and shapes must match exactly.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist (nothing is downloaded: pass a local file)")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     state_dict, which = pick_state_dict(ckpt, path)
+    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if stored is not None:
+        stored = MGVQConfig.from_dict({k: v for k, v in stored.items() if k != "checkpoint"})
     if config is None:
-        stored = ckpt.get("config") if isinstance(ckpt, dict) else None
         if stored is None:
             raise ValueError(f"{path} stores no config: pass one, e.g. MGVQConfig.preset('mgvq-f16c32', groups=4)")
-        config = MGVQConfig.from_dict({k: v for k, v in stored.items() if k != "checkpoint"})
+        config = stored
+    elif stored is not None and architecture(stored) != architecture(config):
+        # Keys and shapes would not catch e.g. a different activation: refuse any difference.
+        a, b = architecture(stored), architecture(config)
+        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        raise ValueError(f"{path} was saved with a different tokenizer config (stored vs given): {diff}")
     with torch.device("meta"):
         model = MGVQ(config)
     check_state_dict(model, state_dict, f"{path} ({which!r} weights)")

@@ -93,7 +93,7 @@ class MultiGroupQuantizer(nn.Module):
         if not 0 <= groups_to_use <= G:
             raise ValueError(f"groups_to_use={groups_to_use} must lie in [0, {G}]")
         codes = codes.long()
-        lo, hi = codes.min().item(), codes.max().item()
+        lo, hi = torch.stack([codes.min(), codes.max()]).tolist()  # one device sync
         if lo < 0 or hi >= K:
             raise ValueError(f"codes range over [{lo}, {hi}], outside [0, {K}) of a group")
         table = self.normalized_codebook().view(G * K, -1)
