@@ -62,7 +62,9 @@ def build_spec(cfg: ExtractConfig, files: list[str], labels: list[int], classes:
     if tok.codebook_size % tok.codebook_groups or tok.codebook_size // tok.codebook_groups > 2**16:
         raise ValueError(f"tokenizer.codebook_size={tok.codebook_size} must split into codebook_groups="
                          f"{tok.codebook_groups} groups of at most 65536 codes (uint16)")
-    if tok.checkpoint is None or not Path(tok.checkpoint).is_file():
+    if tok.checkpoint is None:
+        raise ValueError("tokenizer.checkpoint is required: the weights file the codes are made with")
+    if not Path(tok.checkpoint).is_file():
         raise FileNotFoundError(f"tokenizer.checkpoint={tok.checkpoint} is not a file")
     tencrop = cfg.data.views.startswith("tencrop")
     return {
