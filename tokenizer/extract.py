@@ -39,7 +39,7 @@ class ExtractConfig:
     out_dir: str
     batch_size: int = 32  # images per step and process; the encoder sees batch_size * num_views crops
     num_workers: int = 4
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA (codes may then differ where two are close); CPU runs fp32
+    precision: str = "fp32"  # fp32 | bf16 | fp16: encoder autocast on CUDA (codes can change where two are close); CPU runs fp32
 
 
 class BadImageError(RuntimeError):
