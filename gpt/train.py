@@ -283,7 +283,7 @@ def train(cfg: TrainConfig) -> Path:
         ema.model.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     if cfg.compile:
-        model = torch.compile(model)
+        model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, fused=accelerator.device.type == "cuda")
     scheduler = make_scheduler(optimizer, cfg, max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -315,7 +315,7 @@ def train(cfg: TrainConfig) -> Path:
 
     tokens_per_step = cfg.global_batch_size * dataset.grid[0] * dataset.grid[1]
     window = LossWindow(model_cfg.codebook_groups, accelerator.device)
-    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
     model.train()
     while step < max_steps:
