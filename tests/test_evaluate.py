@@ -4,13 +4,17 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from omegaconf import OmegaConf
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import isc_features_to_metric
@@ -330,3 +334,22 @@ def test_sweep_writes_csv_and_plot_and_resumes(repo, image_sets, inception_weigh
     again = sweep_cfg.sweep(dataclasses.replace(cfg, cfg_scales=[1.0, 3.0, 2.0]), draw, default_top_k=0)
     assert drawn == [(2.0, 0)]  # the finished settings are reused, not sampled or scored again
     assert again[:2] == rows and len(again) == 3
+
+
+def test_evaluate_script_config_matches_the_dataclass_and_runs(repo, image_sets, inception_weights, features,
+                                                              tmp_path):
+    yaml = OmegaConf.load(repo / "conf" / "evaluate.yaml")
+    assert set(yaml) - {"defaults", "hydra"} == {f.name for f in dataclasses.fields(EvalConfig)}
+    ref = features["ref"]["2048"].numpy().astype(np.float64)
+    np.savez(tmp_path / "stats.npz", mu=ref.mean(0), sigma=np.cov(ref, rowvar=False))  # ADM stats, no images
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "evaluate.py"), f"samples={image_sets['samples']}",
+         f"reference={tmp_path / 'stats.npz'}", "prc=false", f"out={out}", "progress=false", "batch_size=12",
+         f"cache_root={tmp_path / 'cache'}"],
+        env=os.environ | {"MGVQ_INCEPTION_WEIGHTS": str(inception_weights), "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["metrics"]["fid"] == pytest.approx(_fid(features["samples"]["2048"].numpy(), ref), rel=1e-5)
+    assert result["settings"]["inception_weights"] == str(inception_weights) and "precision" not in result["metrics"]
