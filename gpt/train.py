@@ -364,6 +364,7 @@ def train(cfg: TrainConfig) -> Path:
                 "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
             }, cfg.keep_last)
     progress.close()
+    del batches  # shuts down the loader's workers
 
     export = export_model(accelerator, model, ema, model_cfg, out_dir, {**state, "step": step})
     accelerator.end_training()
