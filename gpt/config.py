@@ -1,0 +1,152 @@
+"""GPT configuration: the dataclass schema, LlamaGen's size presets, and the official MGVQ `ModelArgs` mapping."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+HEADS = ("parallel", "ar")
+INPUT_EMBEDDINGS = ("codebook", "learned")
+
+# LlamaGen's class-conditional sizes (layers x width x heads), and a tiny one for tests and CPU demos.
+PRESETS = {
+    "gpt_b": {"n_layer": 12, "dim": 768, "n_head": 12},
+    "gpt_l": {"n_layer": 24, "dim": 1024, "n_head": 16},
+    "gpt_xl": {"n_layer": 36, "dim": 1280, "n_head": 20},
+    "gpt_xxl": {"n_layer": 48, "dim": 1536, "n_head": 24},
+    "gpt_3b": {"n_layer": 24, "dim": 3200, "n_head": 32},
+    "tiny": {"n_layer": 2, "dim": 64, "n_head": 4},
+}
+
+# Defaults of the official `ModelArgs` (MGVQ gpt_emb_simple.py) for the fields an official config may omit.
+OFFICIAL_DEFAULTS = {
+    "dim": 4096, "n_layer": 32, "n_head": 32, "n_kv_head": None, "multiple_of": 256, "ffn_dim_multiplier": None,
+    "rope_base": 10000.0, "norm_eps": 1e-5, "initializer_range": 0.02, "token_dropout_p": 0.1,
+    "attn_dropout_p": 0.0, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1, "drop_path_rate": 0.0,
+    "num_classes": 1000, "class_dropout_prob": 0.1, "vocab_size": 16384, "cls_token_num": 1, "block_size": 256,
+    "codebook_groups": 4, "codebook_embed_dim": 32,
+}
+# Official fields with no meaning here: text conditioning and the official sampler's cache sizes.
+OFFICIAL_IGNORED = {"caption_dim", "model_type", "max_batch_size", "max_seq_len"}
+
+# Fields that shape training only; every other field must agree between a model file and the config it is loaded with.
+TRAINING_ONLY = {"initializer_range", "class_dropout_prob", "token_dropout_p", "attn_dropout_p", "resid_dropout_p",
+                 "ffn_dropout_p", "drop_path_rate"}
+
+
+@dataclass
+class GPTConfig:
+    """A LlamaGen-style class-conditional GPT over G groups of codes.
+
+    `codebook_groups`, `codebook_size` (codes PER GROUP), `grid_size` (square code grid side), `num_classes` and
+    `codebook_embed_dim` (tokenizer latent channels, G rows of latent/G concatenated) may be None in a config
+    file, meaning "taken from the code store"; a model is built only once they are set.
+    """
+
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention when < n_head
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    initializer_range: float = 0.02
+    num_classes: int | None = 1000
+    cls_token_num: int = 1
+    class_dropout_prob: float = 0.1  # label -> null class (index num_classes) for classifier-free guidance
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+    codebook_groups: int | None = 4
+    codebook_size: int | None = 8192
+    grid_size: int | None = 16
+    codebook_embed_dim: int | None = 32
+    head: str = "parallel"  # parallel: G linear heads | ar: MGVQ's small transformer over the G sub-tokens
+    input_embedding: str = "codebook"  # codebook: frozen tokenizer rows + img_projector | learned: nn.Embedding
+    ar_head_layers: int = 2
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {unknown}; fields: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_official(cls, d: dict) -> GPTConfig:
+        """Map official MGVQ `ModelArgs` fields (vocab_size counted over all groups, block_size = grid**2)."""
+        unknown = sorted(set(d) - set(OFFICIAL_DEFAULTS) - OFFICIAL_IGNORED)
+        if unknown:
+            raise ValueError(f"unknown official ModelArgs fields {unknown}")
+        if d.get("model_type", "c2i") != "c2i":
+            raise ValueError(f"model_type={d['model_type']!r}: only class-conditional (c2i) models are supported")
+        args = {**OFFICIAL_DEFAULTS, **{k: v for k, v in d.items() if k not in OFFICIAL_IGNORED}}
+        groups, vocab, block = args.pop("codebook_groups"), args.pop("vocab_size"), args.pop("block_size")
+        grid = math.isqrt(block)
+        if vocab % groups or grid * grid != block:
+            raise ValueError(f"vocab_size={vocab} must divide into codebook_groups={groups} and block_size={block} "
+                             f"must be a square")
+        return cls(**args, codebook_groups=groups, codebook_size=vocab // groups, grid_size=grid,
+                   head="ar", input_embedding="codebook")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def ffn_hidden(self) -> int:
+        """SwiGLU hidden size: int(2 * 4 * dim / 3), times ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return -(-hidden // self.multiple_of) * self.multiple_of
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the field at fault; called when a model is built."""
+        unset = [f for f in ("num_classes", "codebook_groups", "codebook_size", "grid_size") if getattr(self, f) is None]
+        if self.input_embedding == "codebook" and self.codebook_embed_dim is None:
+            unset.append("codebook_embed_dim")
+        if unset:
+            raise ValueError(f"GPTConfig fields {unset} are unset (None): set them or take them from the code store")
+        problems = []
+        if self.head not in HEADS:
+            problems.append(f"head={self.head!r} is not one of {HEADS}")
+        if self.input_embedding not in INPUT_EMBEDDINGS:
+            problems.append(f"input_embedding={self.input_embedding!r} is not one of {INPUT_EMBEDDINGS}")
+        if self.dim % self.n_head or self.head_dim % 4:
+            problems.append(f"dim={self.dim} must split into n_head={self.n_head} heads of a size divisible by 4 "
+                            f"(2D RoPE rotates pairs, half by row and half by column)")
+        if self.n_head % self.kv_heads:
+            problems.append(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.cls_token_num != 1:
+            problems.append(f"cls_token_num={self.cls_token_num}: a class-conditional model has one class token")
+        if self.input_embedding == "codebook" and self.codebook_embed_dim % self.codebook_groups:
+            problems.append(f"codebook_embed_dim={self.codebook_embed_dim} must split into "
+                            f"codebook_groups={self.codebook_groups} equal rows")
+        if self.head == "ar" and self.dim % self.codebook_groups:
+            problems.append(f"head=ar runs codebook_groups={self.codebook_groups} attention heads over dim={self.dim}")
+        if self.dim % 2:
+            problems.append(f"dim={self.dim} must be even (img_projector's hidden width is dim/2)")
+        if problems:
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))

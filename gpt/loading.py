@@ -1,0 +1,154 @@
+"""GPT model files: this project's `{"model": state_dict, "config": GPTConfig dict}` and the official MGVQ layout.
+
+The official layout is translated here and nowhere else: its AR head keeps q/k/v as three matrices (fused into
+`wqkv` here), names the output projection `proj` (`wo` here) and the start token `sos_emb_for_image` (`sos`),
+carries an unused `adaLN_modulation` per block and a `pos_emb` of block_size rows of which only G+1 are used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from gpt.config import TRAINING_ONLY, GPTConfig
+from gpt.model import GPT
+
+OFFICIAL_WEIGHT_KEYS = ("model", "ema", "state_dict", "module")  # where official / LlamaGen files keep weights
+_QKV = ("query", "key", "value")
+
+
+def from_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Official MGVQ GPT state dict -> this model's (head="ar", input_embedding="codebook"; no codebook)."""
+    groups = config.codebook_groups
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        if not key.startswith("ar_head."):
+            out[key] = value  # the trunk keeps LlamaGen's names
+            continue
+        name = key[len("ar_head."):]
+        block = re.fullmatch(r"causal_space_blocks\.(\d+)\.(.+)", name)
+        if block:
+            i, rest = block.groups()
+            if rest.startswith("adaLN_modulation."):
+                continue  # never used by the official forward
+            part = re.fullmatch(r"attention\.(query|key|value)\.weight", rest)
+            if part:
+                qkv.setdefault(i, {})[part.group(1)] = value
+                continue
+            out[f"head.layers.{i}.{rest.replace('attention.proj.', 'attention.wo.')}"] = value
+        elif name == "sos_emb_for_image":
+            out["head.sos"] = value
+        elif name == "pos_emb":
+            if value.ndim != 3 or value.shape[1] < groups + 1:
+                raise ValueError(f"ar_head.pos_emb of shape {tuple(value.shape)} has fewer than G+1={groups + 1} rows")
+            out["head.pos_emb"] = value[:, :groups + 1].clone()  # rows beyond G+1 are never read
+        else:
+            out[f"head.{name}"] = value
+    for i, parts in sorted(qkv.items()):
+        missing = [f"ar_head.causal_space_blocks.{i}.attention.{p}.weight" for p in _QKV if p not in parts]
+        if missing:
+            raise ValueError(f"official GPT state dict lacks {missing}")
+        out[f"head.layers.{i}.attention.wqkv.weight"] = torch.cat([parts[p] for p in _QKV])
+    return out
+
+
+def to_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """This model's state dict -> the official MGVQ layout (zero adaLN weights, pos_emb zero-padded to L rows).
+
+    The padding is what official training leaves there: pos_emb starts at zero and unused rows get no gradient.
+    """
+    if config.head != "ar" or config.input_embedding != "codebook":
+        raise ValueError(f"the official MGVQ layout has an ar head and codebook input, not head={config.head!r} "
+                         f"with input_embedding={config.input_embedding!r}")
+    dim, out = config.dim, {}
+    for key, value in sd.items():
+        if key == "codebook":
+            continue  # the official GPT takes the codebook from the tokenizer at run time
+        if not key.startswith("head."):
+            out[key] = value
+            continue
+        name = key[len("head."):]
+        block = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        if block:
+            i, rest = block.groups()
+            prefix = f"ar_head.causal_space_blocks.{i}."
+            if rest == "attention.wqkv.weight":
+                for part, w in zip(_QKV, value.chunk(3)):
+                    out[f"{prefix}attention.{part}.weight"] = w
+                out[f"{prefix}adaLN_modulation.1.weight"] = value.new_zeros(6 * dim, 3 * dim)
+            else:
+                out[prefix + rest.replace("attention.wo.", "attention.proj.")] = value
+        elif name == "sos":
+            out["ar_head.sos_emb_for_image"] = value
+        elif name == "pos_emb":
+            padded = value.new_zeros(1, config.seq_len, dim)
+            padded[:, :value.shape[1]] = value
+            out["ar_head.pos_emb"] = padded
+        else:
+            out[f"ar_head.{name}"] = value
+    return out
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"GPT model file {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds Python objects beyond tensors and plain containers; re-save its state dict "
+                         f"alone: {e}") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict of weights")
+    return blob
+
+
+def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.Tensor | None = None) -> GPT:
+    """A float32 GPT in eval mode from this project's model file or an official MGVQ GPT checkpoint.
+
+    This project's files carry their config; a given `config` must then agree with it except in training-only
+    fields (dropouts, init). Official files carry none: `config` is required (`GPTConfig.from_official(...)`).
+    The codebook comes from the file when it holds one (a given one must be equal), else from `codebook`.
+    Loading is strict: missing, unexpected or misshapen weights raise an error naming them.
+    """
+    path = Path(path)
+    blob = _read(path)
+    if isinstance(blob.get("config"), dict) and isinstance(blob.get("model"), dict):
+        stored = GPTConfig.from_dict(blob["config"])
+        if config is not None:
+            differ = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in TRAINING_ONLY
+                      and getattr(config, f.name) != getattr(stored, f.name)]
+            if differ:
+                raise ValueError(f"{path} was saved with a different GPT config in {differ}: "
+                                 f"file {[getattr(stored, f) for f in differ]}, given {[getattr(config, f) for f in differ]}")
+        config = config or stored
+        sd = dict(blob["model"])
+    else:
+        key = next((k for k in OFFICIAL_WEIGHT_KEYS if isinstance(blob.get(k), dict)), None)
+        sd = blob[key] if key else blob  # FSDP-style files are the bare state dict
+        if "norm.weight" not in sd:
+            raise ValueError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
+                             f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
+        if config is None:
+            raise ValueError(f"{path} is in the official MGVQ layout, which stores no config: pass "
+                             f"config=GPTConfig.from_official({{...}}) (dim, n_layer, n_head, vocab_size, block_size, ...)")
+        sd = from_official_state_dict(sd, config)
+    if config.input_embedding == "codebook":
+        if "codebook" in sd:
+            if codebook is not None and not torch.equal(codebook.float().cpu(), sd["codebook"].float()):
+                raise ValueError(f"{path} stores a different tokenizer codebook than the one passed")
+        elif codebook is None:
+            raise ValueError(f"{path} carries no tokenizer codebook: pass codebook= (the raw "
+                             f"quantize.embedding.weight of the tokenizer the model was trained on)")
+        else:
+            sd["codebook"] = codebook.detach().cpu()
+    with torch.device("meta"):
+        model = GPT(config)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit the GPT config {config}: {e}") from None
+    model.float().init_buffers()
+    return model.eval()

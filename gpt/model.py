@@ -1,0 +1,353 @@
+"""LlamaGen-style class-conditional GPT over MGVQ group codes, with a parallel or an autoregressive sub-token head.
+
+The sequence is [class token, code_0, ..., code_{L-2}]; the hidden state at index t predicts the G sub-tokens of
+image position t. Training runs `forward` (teacher forcing); generation runs the cached path: `setup_cache`,
+`prefill`, then per position `decode_step` and G calls of `sub_logits`. Sampling policy lives in `sampling`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, as LlamaGen does.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability p, scale the kept ones by 1/(1-p)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+def rope_2d(grid_size: int, head_dim: int, base: float) -> torch.Tensor:
+    """(L, head_dim/2, 2) cos/sin table of the sequence [class, code_0 .. code_{L-2}] (LlamaGen's 2D RoPE).
+
+    Pairs are adjacent elements; the first half of the head_dim/2 pairs rotates with the row, the second half
+    with the column. The class row is cos = sin = 0, which zeroes the class token's query and key: the released
+    weights were trained that way.
+    """
+    n = head_dim // 4  # frequencies per axis
+    freqs = 1.0 / (base ** (torch.arange(0, 2 * n, 2)[:n].float() / (2 * n)))
+    angles = torch.outer(torch.arange(grid_size, dtype=torch.float32), freqs)  # (grid, n)
+    grid = torch.cat([angles[:, None, :].expand(-1, grid_size, -1),  # row angle
+                      angles[None, :, :].expand(grid_size, -1, -1)], dim=-1)  # column angle: (grid, grid, 2n)
+    table = torch.stack([grid.cos(), grid.sin()], dim=-1).flatten(0, 1)  # (grid*grid, head_dim/2, 2), raster order
+    return torch.cat([torch.zeros(1, 2 * n, 2), table[:-1]])  # the last code is never an input
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, D), freqs (S, D/2, 2): rotate adjacent pairs (x0, x1) in float32."""
+    xs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
+    cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]  # (S, 1, D/2)
+    x0, x1 = xs[..., 0], xs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated (B, H, S, D) keys and values, written in place; not part of the state dict."""
+
+    def __init__(self, batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (batch, heads, seq, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, S, D) at positions [pos, pos+S); return views of positions [0, pos+S)."""
+        b, end = k.shape[0], pos + k.shape[2]
+        self.k_cache[:b, :, pos:end].copy_(k)
+        self.v_cache[:b, :, pos:end].copy_(v)
+        return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with fused qkv, optional grouped-query heads, RoPE and per-head q/k RMSNorm."""
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, attn_dropout_p: float = 0.0,
+                 resid_dropout_p: float = 0.0, qk_norm_eps: float | None = None):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(self.head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, qk_norm_eps)
+        self.attn_dropout_p = attn_dropout_p
+        self.resid_dropout = nn.Dropout(resid_dropout_p)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: int = 0) -> torch.Tensor:
+        B, S, _ = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
+        q = q.view(B, S, self.n_head, self.head_dim)
+        k = k.view(B, S, self.n_kv_head, self.head_dim)
+        v = v.view(B, S, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if freqs is not None:
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(pos, k, v)  # (B, H_kv, pos+S, D)
+        # Several new positions are only fed from position 0 (training, prefill), where causal = lower-triangular;
+        # one new position sees every cached one, so no mask is built in the decode loop.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
+                                           dropout_p=self.attn_dropout_p if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int, dropout_p: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, attention: Attention, feed_forward: FeedForward, norm_eps: float,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.attention = attention
+        self.feed_forward = feed_forward
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: int = 0) -> torch.Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs, pos))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+
+class LabelEmbedding(nn.Module):
+    """Class embedding with num_classes + 1 rows; in training a label becomes the null class with probability p."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = labels.masked_fill(drop, self.num_classes)
+        return self.embedding_table(labels)[:, None]  # (B, 1, dim)
+
+
+class ParallelHead(nn.Module):
+    """G independent linear heads (one matmul) on the trunk's hidden state."""
+
+    def __init__(self, dim: int, groups: int, codes: int):
+        super().__init__()
+        self.groups, self.codes = groups, codes
+        self.proj = nn.Linear(dim, groups * codes, bias=False)
+
+    def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return self.proj(h).unflatten(-1, (self.groups, self.codes))  # (B, L, G, V)
+
+    def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
+        pass
+
+    def clear_cache(self) -> None:
+        pass
+
+    def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(h, self.proj.weight[g * self.codes:(g + 1) * self.codes]).float()  # (B, V)
+
+
+class ARHead(nn.Module):
+    """MGVQ's AR head: a small causal transformer over [h_t, sos, emb(sub_0), ..., emb(sub_{G-2})].
+
+    Its output at index g+1 predicts sub-token g of position t. It has G attention heads with per-head q/k
+    RMSNorm, SwiGLU of hidden 4*dim, no RoPE but a learned position table of G+1 rows.
+    """
+
+    def __init__(self, dim: int, groups: int, codes: int, n_layer: int, norm_eps: float):
+        super().__init__()
+        self.groups, self.codes = groups, codes
+        self.tok_emb = nn.Embedding(codes, dim)
+        self.pos_emb = nn.Parameter(torch.zeros(1, groups + 1, dim))
+        self.sos = nn.Parameter(torch.zeros(1, 1, dim))
+        self.layers = nn.ModuleList(
+            Block(dim, Attention(dim, groups, groups, qk_norm_eps=norm_eps), FeedForward(dim, 4 * dim), norm_eps)
+            for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, codes, bias=False)
+
+    def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        B, L, D = h.shape
+        subs = self.tok_emb(codes[..., :-1]).reshape(B * L, self.groups - 1, D)
+        x = torch.cat([h.reshape(B * L, 1, D), self.sos.expand(B * L, 1, D).to(h.dtype), subs], dim=1)
+        x = x + self.pos_emb  # (B*L, G+1, D)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.head(self.ln_f(x[:, 1:]))  # (B*L, G, V): index 0 (h_t itself) predicts nothing
+        return logits.view(B, L, self.groups, self.codes)
+
+    def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(batch, attn.n_head, self.groups + 1, attn.head_dim, dtype, self.sos.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
+        if g == 0:  # start this position's sequence: [h, sos] at indices 0, 1
+            x = torch.stack([h, self.sos[0, 0].expand_as(h)], dim=1) + self.pos_emb[:, :2]  # (B, 2, D)
+        else:  # the caller's sampled sub-token g-1 enters at index g+1; indices < g+1 are cached
+            x = (self.tok_emb(prev_sub) + self.pos_emb[0, g + 1])[:, None]  # (B, 1, D)
+        for layer in self.layers:
+            x = layer(x, None, 0 if g == 0 else g + 1)
+        return self.head(self.ln_f(x[:, -1])).float()  # (B, V)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, codebook: torch.Tensor | None = None):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        G, K = c.codebook_groups, c.codebook_size
+        self.cls_embedding = LabelEmbedding(c.num_classes, c.dim, c.class_dropout_prob)
+        if c.input_embedding == "codebook":
+            # The frozen tokenizer codebook, saved with the model so a model file is self-contained.
+            shape = (G * K, c.codebook_embed_dim // G)
+            if codebook is None:
+                codebook = torch.zeros(shape)  # filled by load_state_dict
+            elif tuple(codebook.shape) != shape:
+                raise ValueError(f"codebook of shape {tuple(codebook.shape)} does not fit the config: expected "
+                                 f"{shape} (groups*codes per group, codebook_embed_dim/groups)")
+            self.register_buffer("codebook", codebook.detach().clone().float())
+            self.img_projector = nn.Sequential(
+                nn.Linear(c.codebook_embed_dim, c.dim // 2, bias=False), nn.GELU(),
+                nn.Linear(c.dim // 2, c.dim, bias=False), nn.LayerNorm(c.dim))
+        else:
+            # One table per group, summed: the same as G nn.Embedding(K, dim) and as a linear map of the G one-hot
+            # codes concatenated, without a projection to learn or run.
+            self.tok_embeddings = nn.Embedding(G * K, c.dim)
+        self.tok_dropout = nn.Dropout(c.token_dropout_p)
+        drop_paths = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
+        self.layers = nn.ModuleList(
+            Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, c.resid_dropout_p),
+                  FeedForward(c.dim, c.ffn_hidden, c.ffn_dropout_p), c.norm_eps, p)
+            for p in drop_paths)
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        if c.head == "ar":
+            self.head = ARHead(c.dim, G, K, c.ar_head_layers, c.norm_eps)
+        else:
+            self.head = ParallelHead(c.dim, G, K)
+        self.init_buffers()
+        self.init_weights()
+
+    def init_buffers(self) -> None:
+        """(Re)build the non-persistent buffers (RoPE table, group offsets), e.g. in a model built on meta."""
+        c = self.config
+        device = self.norm.weight.device
+        self.register_buffer("freqs_cis", rope_2d(c.grid_size, c.head_dim, c.rope_base).to(device), persistent=False)
+        self.register_buffer("code_offsets", torch.arange(c.codebook_groups, device=device) * c.codebook_size,
+                             persistent=False)
+
+    def init_weights(self) -> None:
+        """LlamaGen's init: N(0, initializer_range) linears and embeddings, zero parallel heads (uniform start)."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+        if isinstance(self.head, ParallelHead):
+            nn.init.zeros_(self.head.proj.weight)
+        else:
+            nn.init.zeros_(self.head.pos_emb)
+            nn.init.normal_(self.head.sos, std=0.02)
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, S, G) -> input vectors (B, S, dim)."""
+        idx = codes + self.code_offsets
+        if self.config.input_embedding == "codebook":
+            return self.img_projector(self.codebook[idx].flatten(-2))  # raw rows concatenated over groups
+        return self.tok_embeddings(idx).sum(-2)
+
+    def trunk(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, L, dim); index t predicts image position t."""
+        B, L, G = codes.shape
+        if G != self.config.codebook_groups or not 1 <= L <= self.config.seq_len:
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (B, L <= {self.config.seq_len}, "
+                             f"{self.config.codebook_groups})")
+        x = torch.cat([self.cls_embedding(labels), self.embed_codes(codes[:, :-1])], dim=1)  # (B, L, dim)
+        x = self.tok_dropout(x)
+        freqs = self.freqs_cis[:L]
+        for layer in self.layers:
+            x = layer(x, freqs)
+        return self.norm(x)
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, L, G, V) in float32 of codes (B, L, G) int64 given labels (B,)."""
+        return self.head(self.trunk(codes, labels), codes).float()
+
+    # Cached generation: the caller owns the loop and the sampling policy.
+
+    def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
+        c = self.config
+        dtype = dtype or self.norm.weight.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype,
+                                               self.norm.weight.device)
+        self.head.setup_cache(max_batch_size, dtype)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.head.clear_cache()
+
+    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
+        """Run the class position; return the hidden (B, dim) that predicts image position 0."""
+        if self.layers[0].attention.kv_cache is None:
+            raise RuntimeError("setup_cache(max_batch_size) must be called before prefill")
+        return self._step(self.cls_embedding(labels), 0)
+
+    def decode_step(self, prev_codes: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed the codes (B, G) of image position t-1; return the hidden (B, dim) that predicts position t."""
+        if not 1 <= t < self.config.seq_len:
+            raise ValueError(f"decode_step position t={t} is outside [1, {self.config.seq_len})")
+        return self._step(self.embed_codes(prev_codes[:, None]), t)
+
+    def _step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        freqs = self.freqs_cis[pos:pos + 1]
+        for layer in self.layers:
+            x = layer(x, freqs, pos)
+        return self.norm(x[:, -1])  # (B, dim)
+
+    def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits (B, V) of sub-token g at the current position. The ar head needs, for g > 0, the
+        sub-token g-1 the caller sampled (B,); the parallel head ignores it."""
+        return self.head.sub_logits(h, g, prev_sub)
