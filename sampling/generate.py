@@ -1,0 +1,195 @@
+"""KV-cached autoregressive sampling of MGVQ group codes: filters, classifier-free guidance, the loop.
+
+Every function here is pure (no global state, no global RNG in the loop). Randomness comes from a
+counter-based hash of (sample seed, position, group), so a sample's codes depend only on its label, its seed
+and the settings: never on the other samples of its batch, the batch size or the number of processes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+CFG_SCHEDULES = ("constant", "linear")
+_M32 = 0xFFFFFFFF
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept); the rest become -inf. k=0: no-op."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p. p=1: no-op.
+
+    As in HF/LlamaGen: a token is dropped when the cumulative probability of the tokens ranked above it
+    already exceeds p, so the most likely token always stays.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V)
+    drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
+    drop_sorted[..., 1:] = cum[..., :-1] > p  # the tokens ranked above already hold more than p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond); scale 1 returns cond exactly."""
+    if scale == 1.0:
+        return cond
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_scale_at(t: int, num_positions: int, cfg_scale: float, cfg_interval: float = -1,
+                 cfg_schedule: str = "constant") -> float:
+    """The guidance scale at image position t (0-based).
+
+    `constant`: cfg_scale everywhere. `linear`: a ramp from 1 (no guidance) at t=0 to cfg_scale at the last
+    position. `cfg_interval` > -1 turns guidance off (scale 1, the conditional logits) at positions
+    t > cfg_interval + 1, exactly where LlamaGen's and MGVQ's loops do (their counter starts at position 1).
+    """
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
+    if cfg_interval > -1 and t > cfg_interval + 1:
+        return 1.0
+    if cfg_schedule == "linear" and num_positions > 1:
+        return 1.0 + (cfg_scale - 1.0) * t / (num_positions - 1)
+    return cfg_scale
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), in two 16-bit halves of c so no product reaches 2**49."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2**32) with good avalanche (C. Wellons' `lowbias32`), on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """Per-sample 32-bit stream keys from int64 seeds in [0, 2**63): both halves of the seed matter."""
+    if seeds.dtype != torch.int64 or (seeds < 0).any():
+        raise ValueError("seeds must be a non-negative int64 tensor")
+    return _hash32((seeds & _M32) ^ _hash32(seeds >> 32))
+
+
+def uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
+    """Draw number `counter` (an int in [0, 2**32)) of every sample's stream: float64 in [0, 1), (B,)."""
+    c = _hash32(torch.full_like(keys, counter & _M32))
+    return _hash32(_hash32(c ^ keys) ^ c).double() / 2.0**32
+
+
+def sample_from_logits(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: (B, V) logits and (B,) uniforms in [0, 1) -> (B,) int64 indices.
+
+    The cumulative sum runs in float64 over each row alone, so a row's result never depends on other rows.
+    Tokens of probability 0 (filtered to -inf) are never chosen.
+    """
+    cdf = logits.float().softmax(-1).double().cumsum(-1)  # (B, V)
+    target = (u * cdf[:, -1]).unsqueeze(1)  # scaled by the total so rounding in the sum cannot push past it
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[-1] - 1)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, as LlamaGen and HF order them."""
+    return top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+
+
+def per_group(value, G: int, name: str) -> list:
+    """A scalar or a sequence of G values -> list of G values."""
+    if isinstance(value, (int, float)):
+        return [value] * G
+    value = list(value)
+    if len(value) != G:
+        raise ValueError(f"{name}={value}: expected a scalar or {G} values (one per group)")
+    return value
+
+
+def _check_settings(G: int, temperature, top_k, top_p, top_k_log2: bool) -> tuple[list, list, list]:
+    temps, ks, ps = per_group(temperature, G, "temperature"), per_group(top_k, G, "top_k"), per_group(top_p, G, "top_p")
+    if any(t <= 0 for t in temps):
+        raise ValueError(f"temperature={temperature}: must be > 0 (use top_k=1 for greedy decoding)")
+    if any(int(k) != k or k < 0 for k in ks):
+        raise ValueError(f"top_k={top_k}: expected non-negative integers")
+    if any(not 0.0 < p <= 1.0 for p in ps):
+        raise ValueError(f"top_p={top_p}: expected values in (0, 1]")
+    # MGVQ's sampler reads --top-k as log2(k): 12 means 4096, 0 means 1 (greedy).
+    ks = [2 ** int(k) if top_k_log2 else int(k) for k in ks]
+    return temps, ks, ps
+
+
+@torch.no_grad()
+def generate(
+    model,
+    labels: torch.Tensor,
+    *,
+    cfg_scale: float = 1.0,
+    cfg_interval: float = -1,
+    cfg_schedule: str = "constant",
+    temperature: float | Sequence[float] = 1.0,
+    top_k: int | Sequence[int] = 0,
+    top_p: float | Sequence[float] = 1.0,
+    seeds: torch.Tensor | None = None,
+    groups_to_use: int | None = None,
+    top_k_log2: bool = False,
+) -> torch.Tensor:
+    """Sample codes (B, L, G) int64 for class labels (B,) with the model's KV cache.
+
+    For every position t and group g: sub-token logits -> CFG mix (conditional and null-class halves run as
+    one batch of 2B; both continue with the sampled sub-token) -> temperature -> top-k -> top-p -> draw.
+    `temperature`, `top_k`, `top_p`: a scalar or one value per group; top_k 0 and top_p 1 mean no filtering,
+    top_k 1 is greedy decoding. `top_k_log2`: read top_k as MGVQ's exponent (k = 2**top_k).
+    `seeds` (B,) non-negative int64: each sample's own random stream (None: drawn from torch's generator).
+    `groups_to_use` n: only the first n groups are sampled, later ones are decoded greedily (they still
+    condition the model but are dropped by a coarse-to-fine decode with the same n).
+    """
+    cfg = model.config
+    G, L = cfg.codebook_groups, cfg.seq_len
+    temps, ks, ps = _check_settings(G, temperature, top_k, top_p, top_k_log2)
+    if groups_to_use is not None:
+        if not 1 <= groups_to_use <= G:
+            raise ValueError(f"groups_to_use={groups_to_use}: expected 1..{G}")
+        ks = [k if g < groups_to_use else 1 for g, k in enumerate(ks)]
+    B, device = labels.shape[0], labels.device
+    if seeds is None:
+        seeds = torch.randint(2**62, (B,), dtype=torch.int64)
+    if seeds.shape != (B,):
+        raise ValueError(f"seeds has shape {tuple(seeds.shape)}, expected ({B},)")
+    keys = seed_keys(seeds.to(device))
+
+    guided = cfg_scale != 1.0
+    if guided:  # rows [0, B) conditional, [B, 2B) the null class
+        labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+
+    codes = torch.empty(B, L, G, dtype=torch.int64, device=device)
+    model.setup_cache(labels.shape[0])
+    try:
+        h = model.prefill(labels)  # (B or 2B, dim)
+        for t in range(L):
+            if t > 0:
+                prev = codes[:, t - 1]
+                h = model.decode_step(torch.cat([prev, prev]) if guided else prev, t)
+            scale = cfg_scale_at(t, L, cfg_scale, cfg_interval, cfg_schedule)
+            sub = None
+            for g in range(G):
+                logits = model.sub_logits(h, g, sub).float()  # (B or 2B, V)
+                if guided:
+                    logits = cfg_mix(logits[:B], logits[B:], scale)
+                logits = filter_logits(logits, temps[g], ks[g], ps[g])
+                codes[:, t, g] = sample_from_logits(logits, uniforms(keys, t * G + g))
+                sub = torch.cat([codes[:, t, g]] * 2) if guided else codes[:, t, g]
+    finally:
+        model.clear_cache()
+    return codes

@@ -1,0 +1,177 @@
+"""sampling.generate: filters and CFG on hand-written numbers; the cached loop against the teacher-forced forward."""
+import math
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig
+from sampling.generate import (cfg_mix, cfg_scale_at, filter_logits, generate, sample_from_logits, seed_keys,
+                               top_k_filter, top_p_filter, uniforms)
+
+INF = float("inf")
+
+
+def test_top_k_filter_hand_values():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [4.0, 2.0, 2.0, 1.0]])
+    want = torch.tensor([[-INF, 3.0, 2.0, -INF], [4.0, 2.0, 2.0, -INF]])  # ties with the k-th value stay
+    assert torch.equal(top_k_filter(logits, 2), want)
+    assert torch.equal(top_k_filter(logits, 1), torch.tensor([[-INF, 3.0, -INF, -INF], [4.0, -INF, -INF, -INF]]))
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    assert torch.equal(top_k_filter(logits, 9), logits)
+
+
+def test_top_p_filter_hand_values():
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # ranked: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()[None]
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()  # noqa: E731
+    assert kept(0.45) == [False, True, False, False]  # 0.5 alone already exceeds 0.45
+    assert kept(0.6) == [False, True, False, True]  # 0.5 + 0.3
+    assert kept(0.85) == [True, True, False, True]  # 0.5 + 0.3 + 0.15 = 0.95 reaches 0.85
+    assert kept(1.0) == [True] * 4
+    torch.testing.assert_close(top_p_filter(logits, 0.6)[0, [1, 3]], logits[0, [1, 3]], rtol=0, atol=0)
+
+
+def test_temperature_then_filters_hand_values():
+    logits = torch.tensor([[2.0, 0.0, -2.0, 4.0]])
+    # T=2 -> [1, 0, -1, 2]; softmax of that: e^x / (e^2 + e + 1 + e^-1)
+    z = math.e**2 + math.e + 1 + math.exp(-1)
+    want = torch.tensor([[math.e / z, 1 / z, math.exp(-1) / z, math.e**2 / z]])
+    torch.testing.assert_close(filter_logits(logits, temperature=2.0).softmax(-1), want)
+    # top-k 2 after T=2 keeps [1, 2]: probabilities e / (e + e^2), e^2 / (e + e^2)
+    got = filter_logits(logits, temperature=2.0, top_k=2).softmax(-1)
+    torch.testing.assert_close(got, torch.tensor([[1 / (1 + math.e), 0, 0, math.e / (1 + math.e)]]))
+    # top-p 0.6 after T=0.5 -> [4, 0, -4, 8]: the top token holds 0.982 of the mass and is alone
+    assert torch.isfinite(filter_logits(logits, temperature=0.5, top_p=0.6)).tolist() == [[False, False, False, True]]
+
+
+def test_cfg_mix_hand_values():
+    cond, uncond = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 2.5, 1.0])
+    torch.testing.assert_close(cfg_mix(cond, uncond, 1.5), torch.tensor([1.25, 1.75, 4.0]), rtol=0, atol=0)
+    torch.testing.assert_close(cfg_mix(cond, uncond, 0.0), uncond, rtol=0, atol=0)
+    assert cfg_mix(cond, uncond, 1.0) is cond  # scale 1 is exactly the conditional logits
+
+
+def test_cfg_scale_schedule_and_interval():
+    assert [cfg_scale_at(t, 5, 3.0) for t in range(5)] == [3.0] * 5
+    assert [cfg_scale_at(t, 5, 3.0, cfg_schedule="linear") for t in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    # LlamaGen's interval: its decode counter i = t - 1 turns guidance off once i > cfg_interval
+    assert [cfg_scale_at(t, 6, 2.0, cfg_interval=2) for t in range(6)] == [2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        cfg_scale_at(0, 5, 2.0, cfg_schedule="cosine")
+
+
+def test_inverse_cdf_sampling():
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(4, 4)  # cdf 0.1, 0.3, 0.6, 1.0
+    u = torch.tensor([0.05, 0.25, 0.59, 0.99], dtype=torch.float64)
+    assert sample_from_logits(logits, u).tolist() == [0, 1, 2, 3]
+    masked = torch.tensor([[-INF, 0.0, -INF, 0.0]]).expand(3, 4)  # filtered tokens are never drawn
+    assert sample_from_logits(masked, torch.tensor([0.0, 0.4999, 0.9999999], dtype=torch.float64)).tolist() == [1, 1, 3]
+
+
+def test_random_streams_are_uniform_and_keyed_by_seed_and_counter():
+    keys = seed_keys(torch.arange(20000, dtype=torch.int64))
+    u = uniforms(keys, 7)
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    # 20000 draws: mean 0.5 +- 0.002 (sd), each decile holds 2000 +- 42
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert (torch.histc(u.float(), bins=10, min=0, max=1) - 2000).abs().max() < 200
+    assert torch.corrcoef(torch.stack([u, uniforms(keys, 8)]))[0, 1].abs() < 0.03  # counters are decorrelated
+    assert not torch.equal(seed_keys(torch.tensor([5])), seed_keys(torch.tensor([5 + 2**40])))  # high bits count
+    assert torch.equal(uniforms(keys[:3], 7), u[:3])
+    with pytest.raises(ValueError, match="non-negative"):
+        seed_keys(torch.tensor([-1]))
+    # sampling with them follows the distribution: 20000 draws from (0.1, 0.2, 0.3, 0.4)
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(20000, 4)
+    freq = torch.bincount(sample_from_logits(logits, u), minlength=4) / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), rtol=0, atol=0.015)
+
+
+def tiny_gpt(head: str, grid: int = 4, groups: int = 4, codes: int = 16, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig.preset("tiny", codebook_groups=groups, codebook_size=codes, grid_size=grid, num_classes=10,
+                              codebook_embed_dim=8, head=head, input_embedding="codebook")
+    model = GPT(config, codebook=torch.randn(groups * codes, 8 // groups))
+    for p in model.parameters():  # LlamaGen's init zeroes heads and position tables: make every logit differ
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def replay(model: GPT, labels, codes, seeds, *, cfg_scale=1.0, cfg_interval=-1, cfg_schedule="constant",
+           temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+    """What the sampler must draw, recomputed from the teacher-forced forward on its own output."""
+    B, L, G = codes.shape
+    with torch.no_grad():
+        cond = model(codes, labels)  # (B, L, G, V)
+        uncond = model(codes, torch.full_like(labels, model.config.num_classes))
+    keys, want = seed_keys(seeds), torch.empty_like(codes)
+    per = lambda v, g: v[g] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    for t in range(L):
+        scale = cfg_scale_at(t, L, cfg_scale, cfg_interval, cfg_schedule)
+        for g in range(G):
+            logits = cfg_mix(cond[:, t, g], uncond[:, t, g], scale)
+            logits = filter_logits(logits, per(temperature, g), per(top_k, g), per(top_p, g))
+            want[:, t, g] = sample_from_logits(logits, uniforms(keys, t * G + g))
+    return want
+
+
+@pytest.mark.parametrize("head", ["parallel", "ar"])
+def test_greedy_equals_argmax_of_teacher_forced_logits(head):
+    model = tiny_gpt(head)
+    labels = torch.tensor([3, 0, 9])
+    codes = generate(model, labels, top_k=1)
+    assert codes.shape == (3, 16, 4) and codes.dtype == torch.int64
+    with torch.no_grad():
+        assert torch.equal(codes, model(codes, labels).argmax(-1))
+        guided = generate(model, labels, top_k=1, cfg_scale=3.0)
+        mixed = cfg_mix(model(guided, labels), model(guided, torch.full_like(labels, 10)), 3.0)
+    assert torch.equal(guided, mixed.argmax(-1))
+    assert not torch.equal(guided, codes)  # guidance changed something
+
+
+@pytest.mark.parametrize("head", ["parallel", "ar"])
+def test_sampling_replays_on_the_teacher_forced_forward(head):
+    model = tiny_gpt(head)
+    labels, seeds = torch.tensor([1, 4, 4, 7]), torch.tensor([11, 12, 13, 2**50], dtype=torch.int64)
+    settings = [
+        dict(),  # cfg_scale 1: plain conditional sampling (no null-class half at all)
+        dict(cfg_scale=2.5, temperature=[1.0, 0.7, 1.3, 1.0], top_k=[0, 5, 3, 1], top_p=[1.0, 1.0, 0.8, 1.0]),
+        dict(cfg_scale=4.0, cfg_interval=3, top_p=0.9),
+        dict(cfg_scale=3.0, cfg_schedule="linear", temperature=0.8),
+    ]
+    for s in settings:
+        codes = generate(model, labels, seeds=seeds, **s)
+        assert torch.equal(codes, replay(model, labels, codes, seeds, **s)), s
+
+
+def test_seeds_make_samples_independent_of_their_batch():
+    model = tiny_gpt("ar", grid=4)
+    labels = torch.tensor([2, 5, 5, 8, 0])
+    seeds = torch.tensor([100, 101, 102, 103, 104], dtype=torch.int64)
+    kw = dict(cfg_scale=2.0, top_k=8, temperature=1.1)
+    whole = generate(model, labels, seeds=seeds, **kw)
+    parts = [generate(model, labels[i:j], seeds=seeds[i:j], **kw) for i, j in [(0, 2), (2, 5)]]
+    alone = [generate(model, labels[[i]], seeds=seeds[[i]], **kw) for i in (4, 1)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(alone[0], whole[[4]]) and torch.equal(alone[1], whole[[1]])
+    reordered = generate(model, labels.flip(0), seeds=seeds.flip(0), **kw)
+    assert torch.equal(reordered, whole.flip(0))
+    other = generate(model, labels, seeds=seeds + 1000, **kw)
+    assert (other != whole).float().mean() > 0.5  # another seed, another sample
+
+
+def test_settings_are_checked_and_log2_top_k_is_mgvq_s():
+    model = tiny_gpt("parallel", grid=2)
+    labels = torch.tensor([1])
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, labels, top_k=[1, 2])
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="groups_to_use"):
+        generate(model, labels, groups_to_use=5)
+    # MGVQ's --top-k 0 means k = 2**0 = 1: greedy
+    greedy = generate(model, labels, top_k=1, seeds=torch.tensor([3]))
+    assert torch.equal(generate(model, labels, top_k=0, top_k_log2=True, seeds=torch.tensor([9])), greedy)
+    # groups_to_use=2: the first two groups are sampled, the last two greedy
+    seeds = torch.tensor([5])
+    codes = generate(model, labels, seeds=seeds, groups_to_use=2)
+    assert torch.equal(codes, replay(model, labels, codes, seeds, top_k=[0, 0, 1, 1]))
