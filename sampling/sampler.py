@@ -1,0 +1,269 @@
+"""From class labels to uint8 images, and from there to an ADM sample file on one or many processes.
+
+`Sampler` = GPT + MGVQ tokenizer + settings: labels and seeds -> codes (sampling.generate) -> decode -> uint8
+(rounded as LlamaGen/MGVQ) -> bicubic resize to `eval_size` (PIL, as MGVQ's evaluation). Sample i always has
+label i mod num_classes and seed (seed, i), so any subset of indices can be drawn anywhere, in any batch.
+
+`write_samples` draws indices [0, N) in fixed batches of `batch_size` consecutive indices, dealt round-robin
+to the processes: a batch holds the same samples whatever the number of processes, and a rerun after a kill
+redoes only the batches with missing PNGs. The main process then packs the PNGs into `.npz` (arr_0 uint8
+(N,H,W,3), labels int64 (N,)), stored uncompressed with fixed zip timestamps, so it can be memory-mapped and
+equal runs give byte-identical files, plus a JSON sidecar with every setting and the checkpoints' hashes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from gpt import GPT, GPTConfig, load_gpt
+from sampling.generate import CFG_SCHEDULES, generate
+from tokenizer import MGVQ, TokenizerConfig, load_tokenizer, sha256_file
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: no wall-clock time in the file, so equal runs give equal bytes
+
+
+@dataclass
+class SamplerConfig:
+    """What a sampler is built from and how it samples. Every field is recorded in the sample file's sidecar."""
+
+    gpt_ckpt: str  # this project's model file (e.g. <train out_dir>/export/model.pt) or an official MGVQ GPT
+    tokenizer: TokenizerConfig  # the hydra `tokenizer` group; tokenizer.checkpoint is required
+    # Official-layout GPT checkpoints store no config: their ModelArgs fields, e.g. GPT-XXL at 384px
+    # {dim: 1536, n_layer: 48, n_head: 24, block_size: 576}. vocab_size, codebook_groups and codebook_embed_dim
+    # default to the tokenizer's. None: the file's own config (this project's model files).
+    gpt_official: Optional[dict[str, Any]] = None
+    cfg_scale: float = 2.0
+    cfg_interval: float = -1  # LlamaGen's: guidance off at positions t > cfg_interval + 1; -1 never
+    cfg_schedule: str = "constant"  # constant | linear (ramp from 1 at the first position to cfg_scale at the last)
+    temperature: Any = 1.0  # a number or one per group
+    top_k: Any = 0  # a number or one per group; 0: no filtering, 1: greedy
+    top_k_log2: bool = False  # read top_k as MGVQ's --top-k exponent: 12 -> k = 4096, 0 -> k = 1
+    top_p: Any = 1.0  # a number or one per group; 1.0: no filtering
+    groups_to_use: Optional[int] = None  # decode with the first n groups only (MGVQ coarse-to-fine); None: all
+    eval_size: Optional[int] = None  # resize (bicubic) to this side, e.g. 384 -> 256 for FID; None: keep
+    seed: int = 0  # sample i draws from the random stream of seed (seed, i)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the GPT; logits, sampling and the decoder stay fp32)
+    compile: bool = False  # torch.compile the GPT's decode step (CUDA graphs on GPU)
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: expected one of {sorted(PRECISIONS)}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule={self.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**31")
+        if not self.tokenizer.checkpoint:
+            raise ValueError("tokenizer.checkpoint is required: the MGVQ weights that decode the codes")
+
+
+def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
+    """The random stream of sample i: seed in the high 32 bits, i in the low ones (int64, non-negative)."""
+    if indices.numel() and (indices.min() < 0 or indices.max() >= 2**32):
+        raise ValueError("sample indices must lie in [0, 2**32)")
+    return seed * 2**32 + indices.to(torch.int64)
+
+
+def load_models(cfg: SamplerConfig, device: torch.device | str = "cpu") -> tuple[GPT, MGVQ]:
+    """The GPT and tokenizer `cfg` names, on `device`, in eval mode."""
+    tokenizer = load_tokenizer(cfg.tokenizer.checkpoint, cfg.tokenizer)
+    config = None
+    if cfg.gpt_official is not None:
+        t = cfg.tokenizer
+        config = GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
+                                          "codebook_embed_dim": t.latent_channels, **cfg.gpt_official})
+    gpt = load_gpt(cfg.gpt_ckpt, config, codebook=tokenizer.codebook())
+    c, t = gpt.config, tokenizer.config
+    if (c.codebook_groups, c.codebook_size) != (t.codebook_groups, t.codes_per_group):
+        raise ValueError(f"{cfg.gpt_ckpt} samples {c.codebook_groups} groups x {c.codebook_size} codes but the tokenizer "
+                         f"{cfg.tokenizer.checkpoint} has {t.codebook_groups} x {t.codes_per_group}")
+    return gpt.to(device), tokenizer.to(device)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output (B, 3, H, W), nominally in [-1, 1] -> uint8 (B, H, W, 3), rounded as LlamaGen and MGVQ do."""
+    return (127.5 * images + 128.0).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> (B, size, size, 3) with PIL's bicubic (antialiased), as MGVQ's FID samples."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
+
+
+class Sampler:
+    """labels + seeds -> uint8 images (N, H, W, 3). Demo, DDP sampler and CFG sweep all draw through it."""
+
+    def __init__(self, gpt: GPT, tokenizer: MGVQ, config: SamplerConfig):
+        config.check()
+        self.gpt, self.tokenizer, self.config = gpt.eval(), tokenizer.eval(), config
+        self.device = next(gpt.parameters()).device
+        self.num_classes = gpt.config.num_classes
+        if config.compile:
+            # The model's cached step is compiled in place so generate() calls the compiled one; shapes only grow
+            # along the cache length, which dynamo treats as dynamic after the first recompile.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            gpt.decode_step = torch.compile(gpt.decode_step, mode=mode)
+
+    @classmethod
+    def from_config(cls, config: SamplerConfig, device: torch.device | str = "cpu") -> Sampler:
+        config.check()
+        return cls(*load_models(config, device), config)
+
+    def codes(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Codes (B, L, G) int64 for labels (B,) and seeds (B,)."""
+        c, dtype = self.config, PRECISIONS[self.config.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return generate(self.gpt, labels.to(self.device), cfg_scale=c.cfg_scale, cfg_interval=c.cfg_interval,
+                            cfg_schedule=c.cfg_schedule, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                            seeds=seeds, top_k_log2=c.top_k_log2)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, groups_to_use: int | None = None) -> np.ndarray:
+        """Codes (B, L, G) -> uint8 images (B, H, W, 3), resized to eval_size."""
+        grid = self.gpt.config.grid_size
+        images = self.tokenizer.decode_codes(codes.view(codes.shape[0], grid, grid, -1), groups_to_use)
+        images = to_uint8(images)
+        return resize_bicubic(images, self.config.eval_size) if self.config.eval_size else images
+
+    def sample(self, labels: torch.Tensor, seeds: torch.Tensor) -> np.ndarray:
+        """uint8 images (B, H, W, 3) for labels (B,) and seeds (B,)."""
+        return self.decode(self.codes(labels, seeds), self.config.groups_to_use)
+
+    def sample_indices(self, indices: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Samples number `indices` of the sample file: labels i mod num_classes, seeds (seed, i)."""
+        labels = indices % self.num_classes
+        return labels, self.sample(labels, sample_seeds(self.config.seed, indices))
+
+    def settings(self) -> dict:
+        """Every setting and the checkpoints' hashes, for a sidecar."""
+        c = self.config
+        return {**dataclasses.asdict(c), "gpt_sha256": sha256_file(c.gpt_ckpt),
+                "tokenizer_sha256": sha256_file(c.tokenizer.checkpoint), "gpt_config": self.gpt.config.to_dict(),
+                "num_classes": self.num_classes}
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def png_path(png_dir: Path, i: int) -> Path:
+    return png_dir / f"{i:06d}.png"
+
+
+def write_npz(path: Path, png_dir: Path, num_samples: int, num_classes: int) -> None:
+    """Pack PNGs 0..N-1 into an uncompressed .npz (arr_0, labels), streamed: 50k images never sit in RAM."""
+    first = np.asarray(Image.open(png_path(png_dir, 0)).convert("RGB"))
+    shape = (num_samples, *first.shape)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open(zipfile.ZipInfo("arr_0.npy", _ZIP_TIME), "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for i in tqdm(range(num_samples), desc=f"pack {path.name}", unit="img", dynamic_ncols=True):
+                image = np.asarray(Image.open(png_path(png_dir, i)).convert("RGB"))
+                if image.shape != first.shape:
+                    raise ValueError(f"{png_path(png_dir, i)} is {image.shape}, sample 0 is {first.shape}")
+                f.write(image.tobytes())
+        with zf.open(zipfile.ZipInfo("labels.npy", _ZIP_TIME), "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.arange(num_samples, dtype=np.int64) % num_classes)
+    os.replace(tmp, path)
+
+
+def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike, batch_size: int = 32,
+                  accelerator=None, npz_path: str | os.PathLike | None = None) -> Path:
+    """Draw samples 0..N-1 as PNGs in out_dir/png (keeping those already there), then pack the .npz and sidecar.
+
+    With an `accelerate.Accelerator` the batches are dealt over its processes. Returns the .npz path
+    (default out_dir/samples.npz; the sidecar is the same path with .json).
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    is_main = rank == 0
+    out_dir = Path(out_dir)
+    png_dir = out_dir / "png"
+    npz_path = Path(npz_path) if npz_path else out_dir / "samples.npz"
+    settings = sampler.settings()
+    # What decides the pixels: the files by content (not by path), every setting but the compile switch.
+    identity = {k: v for k, v in settings.items() if k not in ("compile", "gpt_ckpt")}
+    identity["tokenizer"] = {k: v for k, v in identity["tokenizer"].items() if k != "checkpoint"}
+    if is_main:
+        png_dir.mkdir(parents=True, exist_ok=True)
+        made_by = out_dir / "settings.json"
+        if made_by.is_file():
+            old = json.loads(made_by.read_text())
+            differ = sorted(k for k in old.keys() | identity.keys() if old.get(k) != identity.get(k))
+            if differ:
+                raise ValueError(f"{out_dir} holds samples drawn with other settings ({', '.join(differ)}): "
+                                 f"use another out_dir or remove it")
+        else:
+            _atomic_json(made_by, identity)
+    _barrier(accelerator)  # every rank lists the PNGs before any rank writes one
+
+    starts = range(0, num_samples, batch_size)
+    todo = [s for s in starts if not all(png_path(png_dir, i).is_file() for i in range(s, min(s + batch_size, num_samples)))]
+    left = sum(min(s + batch_size, num_samples) - s for s in todo)
+    bar = tqdm(total=num_samples, initial=num_samples - left, unit="img", dynamic_ncols=True, disable=not is_main,
+               desc=f"sample x{world}" if world > 1 else "sample")
+    for s in todo[rank::world]:
+        indices = torch.arange(s, min(s + batch_size, num_samples))
+        _, images = sampler.sample_indices(indices)
+        for i, image in zip(indices.tolist(), images):
+            path = png_path(png_dir, i)
+            if not path.is_file():
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+                Image.fromarray(image).save(tmp, format="PNG")
+                os.replace(tmp, path)
+        bar.update(min(len(indices) * world, bar.total - bar.n))  # every rank works on a batch meanwhile
+    bar.close()
+    _barrier(accelerator)
+
+    if is_main:
+        write_npz(npz_path, png_dir, num_samples, sampler.num_classes)
+        _atomic_json(npz_path.with_suffix(".json"), {
+            **settings, "num_samples": num_samples, "samples": str(npz_path),
+            "run": {"batch_size": batch_size, "num_processes": world, "device": str(sampler.device)}})
+    _barrier(accelerator)
+    return npz_path
+
+
+def _barrier(accelerator) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+@dataclass(kw_only=True)
+class SampleRunConfig(SamplerConfig):
+    """conf/sample.yaml: a sampler plus how many samples, where, and in which batches."""
+
+    out_dir: str  # PNGs in out_dir/png, the .npz and its sidecar at out_dir/samples.{npz,json}
+    num_samples: int = 50000  # sample i has label i mod num_classes
+    batch_size: int = 32  # samples per batch and process (the GPT runs 2x that with CFG)
+
+
+def run(cfg: SampleRunConfig) -> Path:
+    """Draw cfg.num_samples on every process accelerate gives us; returns the .npz path."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    sampler_cfg = SamplerConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplerConfig)})
+    sampler = Sampler.from_config(sampler_cfg, accelerator.device)
+    if accelerator.is_main_process:
+        print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), {accelerator.device}: "
+              f"{cfg.gpt_ckpt}, cfg_scale {cfg.cfg_scale}, top_k {cfg.top_k}, top_p {cfg.top_p}, "
+              f"temperature {cfg.temperature}", flush=True)
+    path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator)
+    if accelerator.is_main_process:
+        print(f"wrote {path} ({cfg.num_samples} images) and {path.with_suffix('.json')}", flush=True)
+    return path

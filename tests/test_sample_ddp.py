@@ -1,0 +1,125 @@
+"""Sample files from the golden GPT + tokenizer: layout, sidecar, and the same bytes for any batch size,
+process count, and after kill-and-resume."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from sampling.sampler import Sampler, SamplerConfig, sample_seeds, write_samples
+from tokenizer import TokenizerConfig, sha256_file
+
+N, SIZE = 12, 32  # 12 samples of the 8x8-code golden GPT, decoded at 64px and resized to 32
+SETTINGS = dict(cfg_scale=2.0, top_k=32, top_p=0.95, temperature=1.1, eval_size=SIZE, seed=7)
+OFFICIAL = {"dim": 64, "n_layer": 2, "n_head": 4, "block_size": 64, "num_classes": 10}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sampler_config(golden) -> SamplerConfig:
+    tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
+    return SamplerConfig(gpt_ckpt=str(golden / "gpt_tiny.pt"), gpt_official=OFFICIAL,
+                         tokenizer=TokenizerConfig.from_dict({**tok, "checkpoint": str(golden / "tokenizer_tiny.pt")}),
+                         **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def sampler(golden) -> Sampler:
+    return Sampler.from_config(sampler_config(golden))
+
+
+@pytest.fixture(scope="module")
+def reference(sampler, tmp_path_factory) -> bytes:
+    """An uninterrupted single-process run, batch size 4."""
+    out = tmp_path_factory.mktemp("reference")
+    return write_samples(sampler, N, out, batch_size=4).read_bytes()
+
+
+def test_npz_layout_and_sidecar(sampler, reference, golden, tmp_path):
+    path = tmp_path / "s.npz"
+    path.write_bytes(reference)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.namelist() == ["arr_0.npy", "labels.npy"]
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())  # memory-mappable
+    data = np.load(path)
+    images, labels = data["arr_0"], data["labels"]
+    assert images.shape == (N, SIZE, SIZE, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and labels.tolist() == [i % 10 for i in range(N)]
+    assert images.std() > 5 and len({im.tobytes() for im in images}) == N  # real, distinct images
+    # sample 5 is exactly what the sampler draws for label 5 with seed (7, 5), whatever batch it was in
+    _, alone = sampler.sample_indices(torch.tensor([5]))
+    assert np.array_equal(alone[0], images[5])
+    assert np.array_equal(sampler.sample(torch.tensor([5]), sample_seeds(7, torch.tensor([5]))), alone)
+
+    out = tmp_path / "run"
+    write_samples(sampler, N, out, batch_size=6)
+    side = json.loads((out / "samples.json").read_text())
+    assert side["gpt_sha256"] == sha256_file(golden / "gpt_tiny.pt")
+    assert side["tokenizer_sha256"] == sha256_file(golden / "tokenizer_tiny.pt")
+    assert {k: side[k] for k in SETTINGS} == SETTINGS
+    assert side["num_samples"] == N and side["run"]["batch_size"] == 6 and side["gpt_config"]["grid_size"] == 8
+    # another batch size gives the same bytes: batch composition does not reach the samples
+    assert (out / "samples.npz").read_bytes() == reference
+
+
+def test_resume_keeps_finished_pngs_and_refuses_other_settings(sampler, reference, golden, tmp_path):
+    write_samples(sampler, N, tmp_path, batch_size=4)
+    png = tmp_path / "png"
+    kept = (png / "000001.png").stat().st_mtime_ns
+    for i in (5, 6, 11):  # a kill loses these; the npz was not written yet
+        (png / f"{i:06d}.png").unlink()
+    (png / "000005.png.tmp123").write_bytes(b"half a png")  # a write the kill interrupted
+    (tmp_path / "samples.npz").unlink()
+    write_samples(sampler, N, tmp_path, batch_size=4)
+    assert (png / "000001.png").stat().st_mtime_ns == kept  # finished batches are not redrawn
+    assert (tmp_path / "samples.npz").read_bytes() == reference
+
+    other = Sampler(sampler.gpt, sampler.tokenizer, sampler_config(golden))
+    other.config.cfg_scale = 3.0
+    with pytest.raises(ValueError, match="cfg_scale"):
+        write_samples(other, N, tmp_path, batch_size=4)
+
+
+def test_cli_two_ranks_killed_then_resumed_equals_one_process(golden, repo, reference, tmp_path):
+    out = tmp_path / "ddp"
+    tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
+    official = "{" + ", ".join(f"{k}: {v}" for k, v in OFFICIAL.items()) + "}"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(repo / "scripts" / "sample_c2i_ddp.py"),
+           f"gpt_ckpt={golden / 'gpt_tiny.pt'}", f"gpt_official={official}", "tokenizer=mgvq-f8c32-g4",
+           f"tokenizer.checkpoint={golden / 'tokenizer_tiny.pt'}", f"tokenizer.codebook_size={tok['codebook_size']}",
+           f"tokenizer.encoder.width_list={tok['encoder']['width_list']}",
+           f"tokenizer.encoder.depth_list={tok['encoder']['depth_list']}",
+           f"tokenizer.decoder.width_list={tok['decoder']['width_list']}",
+           f"tokenizer.decoder.depth_list={tok['decoder']['depth_list']}",
+           f"out_dir={out}", f"num_samples={N}", "batch_size=2",
+           *(f"{k}={v}" for k, v in SETTINGS.items())]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    # First run: killed (the whole process group, as a scheduler would) once some PNGs exist.
+    first = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None and len(list(out.glob("png/*.png"))) < 4:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = len(list(out.glob("png/*.png")))
+    assert 4 <= done < N and not (out / "samples.npz").exists(), f"the kill came too late ({done} PNGs)"
+
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "samples.json").read_text())["run"]["num_processes"] == 2  # two ranks really ran
+    assert (out / "samples.npz").read_bytes() == reference
