@@ -25,9 +25,11 @@ from tqdm import tqdm
 
 from gpt.data import CodeDataset, GlobalBatchSampler
 from gpt import GPT, GPTConfig, load_gpt
-from tokenizer import MGVQConfig, load_tokenizer, sha256_file
+from tokenizer import sha256_file
+from tokenizer.loading import pick_state_dict
 
 STATE_FILE = "train_state.json"  # step, data position, resolved config, store fingerprint: beside accelerate's files
+CODEBOOK_KEY = "quantize.embedding.weight"  # the raw code rows the GPT embeds (official and this project's layout)
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
@@ -131,7 +133,11 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
 
 
 def load_codebook(checkpoint: str | None, dataset: CodeDataset) -> tuple[torch.Tensor | None, str | None]:
-    """Raw tokenizer codebook (codebook_size, latent/G) and its file's sha256, which must be the store's."""
+    """Raw tokenizer codebook (codebook_size, latent/G) and its file's sha256, which must be the store's.
+
+    Only the `quantize.embedding.weight` table is read (memory-mapped where the file allows): the sha256 match
+    already proves this is the tokenizer the extraction loaded and checked against the store's architecture.
+    """
     if checkpoint is None:
         return None, None
     path = Path(checkpoint)
@@ -142,8 +148,20 @@ def load_codebook(checkpoint: str | None, dataset: CodeDataset) -> tuple[torch.T
     if sha != want:
         raise ValueError(f"tokenizer.checkpoint {path} (sha256 {sha[:16]}...) is not the tokenizer the codes in "
                          f"{dataset.codes_dir} were extracted with (sha256 {want[:16]}...)")
-    tokenizer = load_tokenizer(path, MGVQConfig.from_dict(dataset.meta["tokenizer"]))
-    return tokenizer.codebook().detach().clone().float(), sha
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # an old (non-zip) torch file cannot be memory-mapped
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    weights, _ = pick_state_dict(blob, path)
+    if CODEBOOK_KEY not in weights:
+        raise KeyError(f"tokenizer.checkpoint {path} has no {CODEBOOK_KEY!r}")
+    codebook = weights[CODEBOOK_KEY].float().clone()  # (G*K, latent/G)
+    tokenizer = dataset.meta["tokenizer"]
+    want_shape = (tokenizer["codebook_size"], tokenizer["latent_channels"] // tokenizer["codebook_groups"])
+    if tuple(codebook.shape) != want_shape:
+        raise ValueError(f"{path}: {CODEBOOK_KEY} has shape {tuple(codebook.shape)}, the store's tokenizer "
+                         f"config implies {want_shape}")
+    return codebook, sha
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, fused: bool) -> torch.optim.AdamW:
