@@ -124,8 +124,11 @@ def test_data_order_is_the_same_for_any_number_of_processes(tmp_path, golden):
 
 
 def test_stop_and_resume_equals_a_straight_run(tmp_path, store, golden, monkeypatch):
-    """Dropouts and EMA on, cosine schedule, grad accumulation; the run is killed while writing checkpoint 4."""
-    straight = T.train(train_config(store, tmp_path / "straight", golden))
+    """Dropouts and EMA on, cosine schedule, grad accumulation; the run is killed while writing checkpoint 4.
+    The straight run reads through two loader workers, the others in-process: the batches are the same."""
+    cfg = train_config(store, tmp_path / "straight", golden)
+    cfg.data.num_workers = 2
+    straight = T.train(cfg)
     AcceleratorState._reset_state(True)
 
     real_save, calls = Accelerator.save_state, []
@@ -198,6 +201,20 @@ def test_mismatches_are_refused_before_any_step(tmp_path, store, golden, fault):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         T.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_continues_only_its_own_run(tmp_path, store, golden):
+    T.train(train_config(store, tmp_path / "run", golden, max_steps=2))
+    AcceleratorState._reset_state(True)
+    with pytest.raises(FileExistsError, match="resume=auto"):
+        T.train(train_config(store, tmp_path / "run", golden, resume="none"))
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="its global_batch_size differs"):
+        T.train(train_config(store, tmp_path / "run", golden, global_batch_size=4))
+    AcceleratorState._reset_state(True)
+    other = write_store(tmp_path / "other", golden, num_images=24)
+    with pytest.raises(ValueError, match="its store_fingerprint differs"):
+        T.train(train_config(other, tmp_path / "run", golden))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, store, golden, monkeypatch):
