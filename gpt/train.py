@@ -23,8 +23,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpt.data import CodeDataset, GlobalBatchSampler
 from gpt import GPT, GPTConfig, load_gpt
+from gpt.data import CodeDataset, GlobalBatchSampler
 from tokenizer import sha256_file
 from tokenizer.loading import pick_state_dict
 
