@@ -117,11 +117,118 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_sample(args: argparse.Namespace) -> None:
-    raise NotImplementedError("bench sample: not written yet")
+    """Cached generation throughput, with and without decoding, and one decode step against its GEMMs alone."""
+    import time
+
+    import torch
+
+    from gpt import GPT, GPTConfig
+    from sampling import generate
+    from tokenizer import MGVQ, MGVQConfig
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    G, K, B = args.groups, args.codes_per_group, args.batch_size
+    config = GPTConfig.preset(args.preset, codebook_groups=G, codebook_size=K, grid_size=args.grid,
+                              num_classes=1000, codebook_embed_dim=32, head=args.head)
+    model = GPT(config, codebook=torch.randn(G * K, 32 // G)).to(device).eval()
+    L, rows = config.seq_len, B * (2 if args.cfg_scale != 1.0 else 1)  # the GPT runs both CFG halves
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+
+    def timed(fn, repeats: int, warmup: bool = True) -> float:
+        if warmup:
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    labels = torch.randint(1000, (B,), device=device)
+    seeds = torch.arange(B)
+    codes = None
+
+    def gen() -> None:
+        nonlocal codes
+        with autocast():
+            codes = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=seeds)
+
+    name = f"{args.preset} head {args.head} batch {B} cfg {args.cfg_scale} {args.precision} {device}"
+    if args.steps:
+        seconds = timed(gen, args.steps)
+        print(f"sample {name}, {args.grid}x{args.grid} codes x G{G}: {seconds:.2f} s/batch, "
+              f"{B * L / seconds:,.0f} positions/s, {B / seconds:.2f} images/s (codes only)")
+    if args.steps and args.tokenizer_preset:
+        tok_name, _, groups = args.tokenizer_preset.rpartition("-g")
+        tokenizer = MGVQ(MGVQConfig.preset(tok_name, int(groups))).to(device).eval()
+        grid_codes = codes.view(B, args.grid, args.grid, G)
+        decode = timed(lambda: tokenizer.decode_codes(grid_codes), 1)
+        print(f"  + decode {tok_name} ({args.grid * tokenizer.config.downsample}px): {decode:.2f} s/batch, "
+              f"{B / (seconds + decode):.2f} images/s with decoding")
+
+    # One trunk step at the middle of the sequence, against the same GEMMs on preallocated tensors.
+    t = L // 2
+    prev = torch.randint(K, (rows, G), device=device)
+    D, H, hd, F = config.dim, config.n_head, config.head_dim, config.ffn_hidden
+    kv = config.kv_heads * hd
+    shapes = [(32, D // 2), (D // 2, D)]  # img_projector
+    shapes += [(D, D + 2 * kv), (D, D), (D, F), (D, F), (F, D)] * config.n_layer  # wqkv, wo, w1, w3, w2
+    mm_dtype = dtype or torch.float32
+    gemms = [(torch.randn(rows, k, device=device, dtype=mm_dtype), torch.randn(k, n, device=device, dtype=mm_dtype),
+              torch.empty(rows, n, device=device, dtype=mm_dtype)) for k, n in shapes]
+    # attention over the t+1 cached positions, reading each layer's own (rows, H, L, hd) cache as the model does
+    caches = [(torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype),
+               torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype)) for _ in range(config.n_layer)]
+    q = torch.randn(rows, H, 1, hd, device=device, dtype=mm_dtype)
+    scores = torch.empty(rows, H, 1, t + 1, device=device, dtype=mm_dtype)
+    attended = torch.empty(rows, H, 1, hd, device=device, dtype=mm_dtype)
+
+    def weight_gemms() -> None:
+        for a, b, c in gemms:
+            torch.matmul(a, b, out=c)
+
+    def attention() -> None:
+        for k_cache, v_cache in caches:
+            torch.matmul(q, k_cache[:, :, :t + 1].transpose(-1, -2), out=scores)
+            torch.matmul(scores, v_cache[:, :, :t + 1], out=attended)
+
+    # Interleaved and the fastest of each: on a shared machine the minimum is what the code itself costs.
+    model.setup_cache(rows)
+    best = {"step": float("inf"), "gemms": float("inf"), "attention": float("inf")}
+    with torch.no_grad(), autocast():
+        model.prefill(torch.randint(1000, (rows,), device=device))
+        fns = {"step": lambda: model.decode_step(prev, t), "gemms": weight_gemms, "attention": attention}
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(args.step_repeats):
+            for key, fn in fns.items():
+                best[key] = min(best[key], timed(fn, 1, warmup=False))
+    model.clear_cache()
+    step, gemm_s, attn_s = best["step"], best["gemms"], best["attention"]
+    alone = gemm_s + attn_s
+    flops = 2 * rows * sum(k * n for k, n in shapes)
+    print(f"{name}: decode step (trunk, t={t}, {rows} rows) {step * 1e3:.2f} ms; its matmuls alone {alone * 1e3:.2f} ms "
+          f"= weight GEMMs {gemm_s * 1e3:.2f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s) + attention {attn_s * 1e3:.2f} ms: "
+          f"ratio {step / alone:.2f}")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--preset", default="gpt_b", help="gpt_b, gpt_l, gpt_xl, gpt_xxl, gpt_3b, tiny")
+    p.add_argument("--head", choices=["parallel", "ar"], default="ar")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (x2 rows with CFG)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="1.0: no CFG (half the rows)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    p.add_argument("--grid", type=int, default=16, help="code grid side (16 for 256px, 24 for 384px at f16)")
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--codes-per-group", type=int, default=8192, help="MGVQ-G4: 32768 codes = 4 x 8192")
+    p.add_argument("--tokenizer-preset", default="mgvq-f16c32-g4", help="decoder to time ('' skips decoding)")
+    p.add_argument("--steps", type=int, default=1, help="timed generations after one warm-up (0: decode step only)")
+    p.add_argument("--step-repeats", type=int, default=20, help="timed decode steps")
 
 
 def main() -> None:
