@@ -110,6 +110,7 @@ class Sampler:
         self.gpt, self.tokenizer, self.config = gpt.eval(), tokenizer.eval(), config
         self.device = next(gpt.parameters()).device
         self.num_classes = gpt.config.num_classes
+        self._hashes: dict[str, str] = {}
         if config.compile:
             # The model's cached step is compiled in place so generate() calls the compiled one; shapes only grow
             # along the cache length, which dynamo treats as dynamic after the first recompile.
@@ -149,9 +150,15 @@ class Sampler:
     def settings(self) -> dict:
         """Every setting and the checkpoints' hashes, for a sidecar."""
         c = self.config
-        return {**dataclasses.asdict(c), "gpt_sha256": sha256_file(c.gpt_ckpt),
-                "tokenizer_sha256": sha256_file(c.tokenizer.checkpoint), "gpt_config": self.gpt.config.to_dict(),
+        return {**dataclasses.asdict(c), "gpt_sha256": self._sha256(c.gpt_ckpt),
+                "tokenizer_sha256": self._sha256(c.tokenizer.checkpoint), "gpt_config": self.gpt.config.to_dict(),
                 "num_classes": self.num_classes}
+
+    def _sha256(self, path: str) -> str:
+        """Hashed once per file: a sweep asks for the settings of every point, and GPT-XXL is 6 GB."""
+        if path not in self._hashes:
+            self._hashes[path] = sha256_file(path)
+        return self._hashes[path]
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -198,16 +205,18 @@ def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike
     # What decides the pixels: the files by content (not by path), every setting but the compile switch.
     identity = {k: v for k, v in settings.items() if k not in ("compile", "gpt_ckpt")}
     identity["tokenizer"] = {k: v for k, v in identity["tokenizer"].items() if k != "checkpoint"}
+    made_by = out_dir / "settings.json"
+    if made_by.is_file():  # every rank checks, so a refusal stops all of them alike
+        old = json.loads(made_by.read_text())
+        differ = sorted(k for k in old.keys() | identity.keys() if old.get(k) != identity.get(k))
+        if differ:
+            raise ValueError(f"{out_dir} holds samples drawn with other settings ({', '.join(differ)}): "
+                             f"use another out_dir or remove it")
     if is_main:
         png_dir.mkdir(parents=True, exist_ok=True)
-        made_by = out_dir / "settings.json"
-        if made_by.is_file():
-            old = json.loads(made_by.read_text())
-            differ = sorted(k for k in old.keys() | identity.keys() if old.get(k) != identity.get(k))
-            if differ:
-                raise ValueError(f"{out_dir} holds samples drawn with other settings ({', '.join(differ)}): "
-                                 f"use another out_dir or remove it")
-        else:
+        for stale in png_dir.glob("*.png.tmp*"):  # PNG writes a kill interrupted
+            stale.unlink()
+        if not made_by.is_file():
             _atomic_json(made_by, identity)
     _barrier(accelerator)  # every rank lists the PNGs before any rank writes one
 

@@ -83,6 +83,7 @@ def test_resume_keeps_finished_pngs_and_refuses_other_settings(sampler, referenc
     (tmp_path / "samples.npz").unlink()
     write_samples(sampler, N, tmp_path, batch_size=4)
     assert (png / "000001.png").stat().st_mtime_ns == kept  # finished batches are not redrawn
+    assert not list(png.glob("*.tmp*"))
     assert (tmp_path / "samples.npz").read_bytes() == reference
 
     other = Sampler(sampler.gpt, sampler.tokenizer, sampler_config(golden))
