@@ -42,6 +42,11 @@ def test_temperature_then_filters_hand_values():
     torch.testing.assert_close(got, torch.tensor([[1 / (1 + math.e), 0, 0, math.e / (1 + math.e)]]))
     # top-p 0.6 after T=0.5 -> [4, 0, -4, 8]: the top token holds 0.982 of the mass and is alone
     assert torch.isfinite(filter_logits(logits, temperature=0.5, top_p=0.6)).tolist() == [[False, False, False, True]]
+    # top-k and top-p together (one sorted top-k serves both) equal the two filters one after the other
+    x = torch.randn(64, 100) * 3
+    for k, p in [(10, 0.5), (50, 0.9), (3, 0.999), (99, 0.2)]:
+        assert torch.equal(filter_logits(x, 1.3, k, p), top_p_filter(top_k_filter(x / 1.3, k), p))
+    assert (torch.isfinite(filter_logits(x, 1.0, 50, 0.9)).sum(-1) < torch.isfinite(top_k_filter(x, 50)).sum(-1)).all()
 
 
 def test_cfg_mix_hand_values():
