@@ -392,7 +392,11 @@ class Evaluator:
             "inception_weights_sha256": self.weights_sha256, "feature_extractor": FEATURE_EXTRACTOR,
             "torch_fidelity": torch_fidelity.__version__, "device": str(self.device),
         }
-        return {"metrics": compute_metrics(cfg, feats, ref), "settings": settings}
+        result = {"metrics": compute_metrics(cfg, feats, ref), "settings": settings}
+        sidecar = Path(samples).with_suffix(".json")  # how the samples were drawn (sampling.sampler writes it)
+        if Path(samples).suffix == ".npz" and sidecar.is_file():
+            result["sampling"] = json.loads(sidecar.read_text())
+        return result
 
 
 def metrics_path(samples: str | os.PathLike) -> Path:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from accelerate.state import AcceleratorState
 from omegaconf import OmegaConf
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -36,6 +37,8 @@ from sampling.metrics import (
     sha256_file,
     sha256_images,
 )
+from gpt import GPT, GPTConfig
+from tokenizer import TokenizerConfig, load_tokenizer
 
 N = 12  # images per set: Inception runs at a few images per second on a shared CPU
 
@@ -279,77 +282,107 @@ def test_a_set_against_itself_scores_fid_zero_and_full_precision_recall(image_se
     assert len(list(cache_root.iterdir())) == 1  # at most one entry: the reference's, however often it is used
 
 
-def test_fid_uses_the_stored_adm_statistics(image_sets, inception_weights, features, tmp_path):
-    # ADM-style reference: images plus stored mu/sigma of a *different* population (shifted mean), so FID
-    # against the stored statistics differs from FID against the images
-    ref = features["ref"]["2048"].numpy().astype(np.float64)
-    mu = ref.mean(0) + 0.01
-    np.savez(tmp_path / "adm_ref.npz", arr_0=np.load(image_sets["ref"])["arr_0"], mu=mu,
-             sigma=np.cov(ref, rowvar=False))
-    cfg = _cfg(image_sets, inception_weights, tmp_path / "cache", reference=str(tmp_path / "adm_ref.npz"),
-               isc=False, prc=False)
-    result = run(cfg)
-    want = _fid(features["samples"]["2048"].numpy(), ref, mu2=mu.astype(np.float32))
-    assert result["metrics"]["fid"] == pytest.approx(want, rel=1e-5)
-    assert want > _fid(features["samples"]["2048"].numpy(), ref) + 0.1
-    assert result["settings"]["fid_reference"] == "stored mu/sigma"
-    assert result["settings"]["num_reference_images"] == 0
-    assert not (tmp_path / "cache").exists()  # the reference images were not even read
-
-
-def _load_sweep_module(repo: Path):
+@pytest.fixture(scope="module")
+def sweep_module(repo):
     spec = importlib.util.spec_from_file_location("sweep_cfg", repo / "scripts" / "sweep_cfg.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_sweep_writes_csv_and_plot_and_resumes(repo, image_sets, inception_weights, cache_root, tmp_path):
-    sweep_cfg = _load_sweep_module(repo)
-    ref = np.load(image_sets["ref"])["arr_0"]
-    drawn = []
+@pytest.fixture
+def fresh_accelerate_state():
+    """run() builds an Accelerator, whose process-wide state must not leak into other in-process runs."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
 
-    def draw(cfg_scale, top_k, num_samples, path):  # stand-in sampler: more guidance, more reference-like
-        drawn.append((cfg_scale, top_k))
-        near = int(num_samples * cfg_scale / 4)
-        blocky = np.random.default_rng(top_k).integers(0, 256, (num_samples - near, 8, 8, 3)).repeat(4, 1).repeat(4, 2)
-        np.savez(path, arr_0=np.concatenate([ref[:near], blocky.astype(np.uint8)]))
 
-    cfg = sweep_cfg.SweepConfig(out_dir=str(tmp_path / "sweep"), cfg_scales=[1.0, 3.0], num_samples=N,
-                                evaluate=_cfg(image_sets, inception_weights, cache_root, samples=""))
-    rows = sweep_cfg.sweep(cfg, draw, default_top_k=0)
-    assert drawn == [(1.0, 0), (3.0, 0)]
+@pytest.fixture(scope="module")
+def tiny_sampler_files(golden, tmp_path_factory) -> tuple[str, TokenizerConfig]:
+    """The golden tokenizer and a random 4x4-code GPT on its codebook: 32px samples in a few seconds."""
+    tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
+    tokenizer = TokenizerConfig.from_dict({**tok, "checkpoint": str(golden / "tokenizer_tiny.pt")})
+    config = GPTConfig.preset("tiny", grid_size=4, codebook_groups=4, codebook_size=64, codebook_embed_dim=32,
+                              num_classes=10, head="parallel")
+    gpt = GPT(config, codebook=load_tokenizer(tokenizer.checkpoint, tokenizer).codebook())
+    with torch.no_grad():  # LlamaGen's init zeroes the output head: uniform logits that no guidance changes
+        for p in gpt.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("gpt") / "model.pt"
+    torch.save({"model": gpt.state_dict(), "config": config.to_dict()}, path)
+    return str(path), tokenizer
+
+
+def test_sweep_samples_scores_plots_and_resumes(sweep_module, tiny_sampler_files, image_sets, inception_weights,
+                                                cache_root, tmp_path, monkeypatch, fresh_accelerate_state):
+    gpt_ckpt, tokenizer = tiny_sampler_files
+    cfg = sweep_module.SweepConfig(
+        gpt_ckpt=gpt_ckpt, tokenizer=tokenizer, seed=5, out_dir=str(tmp_path / "sweep"), cfg_scales=[1.0, 4.0],
+        top_ks=[16], num_samples=N, batch_size=N,
+        # FID's 2048x2048 eigendecomposition costs seconds per setting and is checked above; here IS, PRC
+        evaluate=_cfg(image_sets, inception_weights, cache_root, samples="", fid=False))
+    rows = sweep_module.run(cfg)
+
     with open(tmp_path / "sweep" / "sweep.csv") as f:
         table = list(csv.DictReader(f))
-    assert [(float(r["cfg_scale"]), int(r["top_k"])) for r in table] == [(1.0, 0), (3.0, 0)]
-    for row, line in zip(rows, table):
+    assert [(float(r["cfg_scale"]), int(r["top_k"])) for r in table] == [(1.0, 16), (4.0, 16)]
+    for row, line, scale in zip(rows, table, cfg.cfg_scales):
         saved = json.loads(metrics_path(row["samples"]).read_text())
-        assert float(line["fid"]) == saved["metrics"]["fid"] and float(line["recall"]) == saved["metrics"]["recall"]
-        assert saved["settings"]["num_samples"] == N
-    assert rows[1]["fid"] < rows[0]["fid"]  # 9 of 12 reference images at scale 3 against 3 at scale 1
+        assert float(line["inception_score"]) == saved["metrics"]["inception_score"]
+        assert float(line["recall"]) == saved["metrics"]["recall"] and line["fid"] == ""
+        assert (saved["sampling"]["cfg_scale"], saved["sampling"]["top_k"]) == (scale, 16)  # the sidecar
+        assert saved["settings"]["num_samples"] == N and math.isfinite(saved["metrics"]["inception_score"])
+        data = np.load(row["samples"])
+        assert data["arr_0"].shape == (N, 32, 32, 3) and data["labels"].tolist() == [i % 10 for i in range(N)]
+        assert not (Path(row["samples"]).parent / "png").exists()  # keep_png=false
+    assert rows[0]["inception_score"] != rows[1]["inception_score"]  # the guidance scale reached the sampler
     with Image.open(tmp_path / "sweep" / "sweep.png") as im:
         assert im.format == "PNG" and im.size[0] > 500
 
-    drawn.clear()
-    again = sweep_cfg.sweep(dataclasses.replace(cfg, cfg_scales=[1.0, 3.0, 2.0]), draw, default_top_k=0)
-    assert drawn == [(2.0, 0)]  # the finished settings are reused, not sampled or scored again
-    assert again[:2] == rows and len(again) == 3
+    def unexpected(*args, **kwargs):
+        raise AssertionError("a finished setting was sampled or scored again")
+
+    AcceleratorState._reset_state(True)
+    monkeypatch.setattr(sweep_module, "write_samples", unexpected)
+    monkeypatch.setattr(Evaluator, "evaluate", unexpected)
+    assert sweep_module.run(cfg) == rows
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="other settings \\(sampling\\)"):
+        sweep_module.run(dataclasses.replace(cfg, temperature=0.9))
 
 
-def test_evaluate_script_config_matches_the_dataclass_and_runs(repo, image_sets, inception_weights, features,
-                                                              tmp_path):
-    yaml = OmegaConf.load(repo / "conf" / "evaluate.yaml")
-    assert set(yaml) - {"defaults", "hydra"} == {f.name for f in dataclasses.fields(EvalConfig)}
+def test_configs_hold_exactly_the_dataclass_fields(repo, sweep_module):
+    evaluate = OmegaConf.to_container(OmegaConf.load(repo / "conf" / "evaluate.yaml"))
+    assert set(evaluate) - {"defaults", "hydra"} == {f.name for f in dataclasses.fields(EvalConfig)}
+    sweep = OmegaConf.to_container(OmegaConf.load(repo / "conf" / "sweep_cfg.yaml"))
+    assert set(sweep) - {"defaults", "hydra"} == {f.name for f in dataclasses.fields(sweep_module.SweepConfig)}
+    assert set(sweep["evaluate"]) == set(evaluate) - {"defaults", "hydra"}
+    assert sweep["tokenizer"] == {"checkpoint": "???"}  # the architecture comes from the tokenizer group
+
+
+def test_evaluate_script_scores_fid_against_stored_adm_statistics(repo, image_sets, inception_weights, features,
+                                                                  tmp_path):
+    # ADM-style reference: images plus stored mu/sigma of a *different* population (shifted mean), so FID
+    # against the stored statistics differs from FID against the images
     ref = features["ref"]["2048"].numpy().astype(np.float64)
-    np.savez(tmp_path / "stats.npz", mu=ref.mean(0), sigma=np.cov(ref, rowvar=False))  # ADM stats, no images
+    mu = ref.mean(0) + 0.01
+    np.savez(tmp_path / "adm_ref.npz", arr_0=np.load(image_sets["ref"])["arr_0"], mu=mu,
+             sigma=np.cov(ref, rowvar=False))
     out = tmp_path / "metrics.json"
     proc = subprocess.run(
         [sys.executable, str(repo / "scripts" / "evaluate.py"), f"samples={image_sets['samples']}",
-         f"reference={tmp_path / 'stats.npz'}", "prc=false", f"out={out}", "progress=false", "batch_size=12",
-         f"cache_root={tmp_path / 'cache'}"],
+         f"reference={tmp_path / 'adm_ref.npz'}", "isc=false", "prc=false", f"out={out}", "progress=false",
+         "batch_size=12", f"cache_root={tmp_path / 'cache'}"],
         env=os.environ | {"MGVQ_INCEPTION_WEIGHTS": str(inception_weights), "OMP_NUM_THREADS": "1"},
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["metrics"]["fid"] == pytest.approx(_fid(features["samples"]["2048"].numpy(), ref), rel=1e-5)
-    assert result["settings"]["inception_weights"] == str(inception_weights) and "precision" not in result["metrics"]
+    want = _fid(features["samples"]["2048"].numpy(), ref, mu2=mu.astype(np.float32))
+    assert result["metrics"]["fid"] == pytest.approx(want, rel=1e-5)
+    assert want > _fid(features["samples"]["2048"].numpy(), ref) + 0.1
+    assert set(result["metrics"]) == {"fid"}
+    s = result["settings"]
+    assert s["fid_reference"] == "stored mu/sigma" and s["num_reference_images"] == 0
+    assert s["inception_weights"] == str(inception_weights)  # found through $MGVQ_INCEPTION_WEIGHTS
+    assert not (tmp_path / "cache").exists()  # the reference images were not even read
