@@ -55,9 +55,9 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_weights: str | os.PathLike | None, lin_weights: str | os.PathLike | None):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
-        features = vgg16().features
+        features = make_layers(cfgs["D"])  # torchvision vgg16's `features`, without building its 120M-weight classifier
         vgg = {k.removeprefix("features."): v for k, v in _load_local(vgg_weights, "LPIPS VGG16").items()
                if k.startswith("features.")}
         features.load_state_dict(vgg, strict=True)

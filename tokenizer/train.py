@@ -35,6 +35,7 @@ from tokenizer.loading import load_tokenizer, save_tokenizer
 from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_loss, hinge_g_loss, l2
 from tokenizer.model import MGVQ
 from tokenizer.quantizer import MultiGroupQuantizer
+from tokenizer.recon import codebook_usage
 
 STATE_FILE = "train_state.json"
 
@@ -196,13 +197,6 @@ def code_counts(codes: torch.Tensor, codes_per_group: int) -> torch.Tensor:
     return torch.bincount(flat.flatten(), minlength=G * codes_per_group).view(G, codes_per_group).float()
 
 
-def usage_and_perplexity(counts: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per group: fraction of codes used at least once, and exp(entropy) of the code frequencies."""
-    p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
-    return (counts > 0).float().mean(dim=1).tolist(), entropy.exp().tolist()
-
-
 @torch.no_grad()
 def reseed_dead_codes(quantizer: MultiGroupQuantizer, latents: torch.Tensor, threshold: float,
                       generator: torch.Generator) -> list[int]:
@@ -294,12 +288,15 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: d
 
 # ---- training ----------------------------------------------------------------------------------------------
 
-def build_tokenizer(cfg: TokenizerConfig) -> MGVQ:
-    """A trainable MGVQ of the config's architecture, from `cfg.checkpoint` when given, else randomly initialised."""
+def build_tokenizer(cfg: TokenizerConfig, loss: LossConfig) -> MGVQ:
+    """A trainable MGVQ of the config's architecture, from `cfg.checkpoint` when given, else randomly initialised,
+    its quantizer set to the loss config's commitment weight and nested-masking probabilities."""
     arch = MGVQConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "checkpoint"})
     model = MGVQ(arch)
     if cfg.checkpoint:
         model.load_state_dict(load_tokenizer(cfg.checkpoint, arch).state_dict())
+    model.quantize.beta = loss.beta
+    model.quantize.mask_probs = tuple(loss.mask_probs[: arch.codebook_groups])  # validated by the quantizer
     return model.train().requires_grad_(True)
 
 
@@ -317,9 +314,7 @@ def train(cfg: TrainTokenizerConfig) -> Path:
     sampler = StepBatches(len(dataset), cfg.global_batch_size, accelerator.process_index, accelerator.num_processes,
                           cfg.seed, cfg.data.hflip)
 
-    mgvq = build_tokenizer(cfg.tokenizer)
-    mgvq.quantize.beta = lc.beta
-    mgvq.quantize.mask_probs = tuple(lc.mask_probs[: cfg.tokenizer.codebook_groups])
+    mgvq = build_tokenizer(cfg.tokenizer, cfg.loss)
     K = mgvq.quantize.codes_per_group
     model = AutoencoderStep(mgvq)
     ema = EMA(mgvq, cfg.ema) if cfg.ema else None
@@ -458,7 +453,7 @@ class Window:
     def flush(self, accelerator: Accelerator, step: int, lr: float, global_batch: int) -> dict:
         names = sorted(self.sums)
         means = accelerator.reduce(torch.stack([self.sums[n] / self.n[n] for n in names]), reduction="mean")
-        used, perplexity = usage_and_perplexity(self.counts)
+        used, perplexity = codebook_usage(self.counts)
         seconds = time.perf_counter() - self.start
         record = {"step": step, **dict(zip(names, means.tolist())), "lr": lr, "code_usage": used,
                   "perplexity": perplexity, "reseeded": self.reseeded.long().tolist(),
