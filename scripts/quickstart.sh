@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole pipeline on scikit-learn's handwritten digits, on two CPU processes, in about ten minutes:
+# digits -> tokenizer -> code store -> GPT (accelerate, 2 ranks) -> CFG samples -> grid + accuracy + PSNR.
+#
+#   bash scripts/quickstart.sh            # results: runs/quickstart/summary.json and runs/quickstart/grid.png
+#
+# Rerunning resumes every stage from what is on disk; `rm -rf runs/quickstart` starts over.
+# Environment: QUICKSTART_OUT (default runs/quickstart), QUICKSTART_PORT (torch.distributed port, default 29731).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+OUT=${QUICKSTART_OUT:-runs/quickstart}
+
+# The same set-up as scripts/test.sh: .venv when missing, torch and torchvision pinned together first.
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+PY=.venv/bin/python
+if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+    "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+"$PY" -m pip install -q -e .
+
+# One thread per process: two processes fill the two cores, and more threads only fight over them.
+export OMP_NUM_THREADS=1 ACCELERATE_USE_CPU=true HYDRA_FULL_ERROR=1
+# Two gloo ranks on the CPU (--cpu would silently start one, see DESIGN.md 7).
+LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
+        --dynamo_backend no --main_process_port "${QUICKSTART_PORT:-29731}")
+TOKENIZER="$OUT/tokenizer/export/tokenizer.pt"
+stage() { printf '\n== %s (%ds so far)\n' "$1" "$(($(date +%s) - START))"; }
+
+stage "1/7 digits: 1,797 images of 8x8 -> 16x16 PNGs, 20% held out"
+"$PY" scripts/make_digits.py --out "$OUT/digits" --size 16
+
+stage "2/7 tokenizer: MGVQ, 4 groups x 32 codes, 4x4 grid (2 processes)"
+"${LAUNCH[@]}" scripts/train_tokenizer.py +experiment=digits data.root="$OUT/digits/train" out_dir="$OUT/tokenizer"
+
+stage "3/7 codes: the training digits -> code store"
+"$PY" scripts/extract_codes.py tokenizer=digits tokenizer.checkpoint="$TOKENIZER" data.root="$OUT/digits/train" \
+    data.image_size=16 data.views=plain out_dir="$OUT/codes" batch_size=256 num_workers=0
+
+stage "4/7 GPT: class-conditional, AR head over the 4 groups (2 processes)"
+"${LAUNCH[@]}" scripts/train_gpt.py model=digits data.codes_dir="$OUT/codes" data.augment=false data.num_workers=0 \
+    tokenizer.checkpoint="$TOKENIZER" out_dir="$OUT/gpt" max_steps=1500 epochs=null global_batch_size=64 lr=1e-3 \
+    warmup_steps=100 lr_schedule=cosine weight_decay=0.05 precision=no log_every=100 ckpt_every=500
+
+stage "5/7 samples: 500 images (50 per class) with classifier-free guidance 1.5 (2 processes)"
+"${LAUNCH[@]}" scripts/sample_c2i_ddp.py tokenizer=digits tokenizer.checkpoint="$TOKENIZER" \
+    gpt_ckpt="$OUT/gpt/export/model.pt" cfg_scale=1.5 num_samples=500 batch_size=50 out_dir="$OUT/samples"
+
+stage "6/7 tokenizer PSNR on the held-out digits"
+"$PY" scripts/eval_recon.py tokenizer=digits tokenizer.checkpoint="$TOKENIZER" data.root="$OUT/digits/val" \
+    data.image_size=16 batch_size=128 num_workers=0 out="$OUT/recon.json"
+
+stage "7/7 evaluation: sample grid, conditional accuracy"
+"$PY" scripts/quickstart_eval.py --digits "$OUT/digits" --samples "$OUT/samples/samples.npz" \
+    --recon "$OUT/recon.json" --out "$OUT" --start "$START"
