@@ -258,3 +258,26 @@ def test_resume_after_a_kill_equals_a_straight_run(digits, tmp_path):
                     for d in "ab")
     assert [r["step"] for r in log_a] == [3, 6] and log_a == log_b
     assert "d_loss" in log_a[-1] and "g_adv" in log_a[-1]
+
+
+def test_two_gloo_ranks_through_the_script(digits, tmp_path, repo):
+    """scripts/train_tokenizer.py under `accelerate launch` really runs two ranks, and its export loads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29741",
+           str(repo / "scripts" / "train_tokenizer.py"), "+experiment=digits", f"data.root={digits}",
+           f"out_dir={out}", "max_steps=4", "global_batch_size=16", "log_every=2", "ckpt_every=4",
+           "codebook.reseed_every=2"]
+    subprocess.run(cmd, cwd=repo, env=env, check=True, timeout=240, capture_output=True)
+    state = json.loads((out / "checkpoints" / "step_0000004" / "train_state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] == 4
+    assert {f"random_states_{r}.pkl" for r in range(2)} <= set(os.listdir(out / "checkpoints" / "step_0000004"))
+    assert [r["step"] for r in read_log(out)] == [2, 4]
+    tok = load_tokenizer(out / "export" / "tokenizer.pt")
+    assert tok.config.codebook_groups == 4 and tok.encode_codes(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4, 4)

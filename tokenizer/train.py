@@ -334,7 +334,7 @@ def train(cfg: TrainTokenizerConfig) -> Path:
 
     state = {"tokenizer": MGVQConfig.to_dict(mgvq.config), "global_batch_size": cfg.global_batch_size,
              "seed": cfg.seed, "data_root": str(cfg.data.root), "image_size": cfg.data.image_size,
-             "config": _json_ready(dataclasses.asdict(cfg))}
+             "num_processes": accelerator.num_processes, "config": _json_ready(dataclasses.asdict(cfg))}
     step = 0
     resume_from = find_resume_checkpoint(out_dir, cfg.resume)
     if resume_from is not None:
