@@ -47,13 +47,14 @@ def _fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """64 handwritten digits (16x16 RGB PNGs) as an ImageFolder."""
-    import sys
+    import importlib.util
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from make_digits import digit_images
+    spec = importlib.util.spec_from_file_location("make_digits", Path(__file__).resolve().parents[1] / "scripts" / "make_digits.py")
+    make_digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_digits)
 
     root = tmp_path_factory.mktemp("digits")
-    images, labels = digit_images(16)
+    images, labels = make_digits.digit_images(16)
     for i in range(64):
         (root / str(labels[i])).mkdir(exist_ok=True)
         Image.fromarray(images[i]).convert("RGB").save(root / str(labels[i]) / f"{i:04d}.png")
