@@ -49,7 +49,8 @@ def digits(tmp_path_factory) -> Path:
     """64 handwritten digits (16x16 RGB PNGs) as an ImageFolder."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_digits", Path(__file__).resolve().parents[1] / "scripts" / "make_digits.py")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_digits.py"
+    spec = importlib.util.spec_from_file_location("make_digits", script)
     make_digits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_digits)
 
