@@ -9,6 +9,9 @@ to the processes: a batch holds the same samples whatever the number of processe
 redoes only the batches with missing PNGs. The main process then packs the PNGs into `.npz` (arr_0 uint8
 (N,H,W,3), labels int64 (N,)), stored uncompressed with fixed zip timestamps, so it can be memory-mapped and
 equal runs give byte-identical files, plus a JSON sidecar with every setting and the checkpoints' hashes.
+"Equal runs" means equal settings on the same kind of device with the same intra-op thread count per process:
+on CPU the thread count changes the order of float reductions, which can move a decoded pixel across a rounding
+boundary (one pixel off by 1 was seen between 1 and 2 threads).
 """
 from __future__ import annotations
 
