@@ -4,6 +4,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 # Size of the official `codebook_used` buffer's last axis (a ring of recent codes, kept for strict loading).
 USAGE_WINDOW = 65536
@@ -65,11 +66,10 @@ class MultiGroupQuantizer(nn.Module):
 
     def _split(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latent -> (B, h, w, G, d) L2-normalised float32 sub-vectors."""
-        B, C, h, w = z.shape
+        C = z.shape[1]
         if C != self.groups * self.group_dim:
             raise ValueError(f"latent has {C} channels, the quantizer expects {self.groups}x{self.group_dim}")
-        z = z.float().permute(0, 2, 3, 1).reshape(B, h, w, self.groups, self.group_dim)
-        return F.normalize(z, dim=-1)
+        return F.normalize(rearrange(z.float(), "b (g d) h w -> b h w g d", g=self.groups), dim=-1)
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class MultiGroupQuantizer(nn.Module):
         table = self.normalized_codebook().view(G * K, -1)
         rows = F.embedding(codes + torch.arange(G, device=codes.device) * K, table)  # (B, h, w, G, d)
         rows[..., groups_to_use:, :] = 0
-        return rows.flatten(3).permute(0, 3, 1, 2).contiguous()  # (B, C, h, w)
+        return _merge(rows)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize with a straight-through gradient; in training, apply nested group masking and losses."""
@@ -120,5 +120,10 @@ class MultiGroupQuantizer(nn.Module):
                 commit_loss = self.beta * (zq.detach() - zn).square().mean(dim=(0, 1, 2, 4)) * keep
             zq = zn + (zq - zn).detach()  # straight-through
             zq = zq * keep[:, None]
-        z_q = zq.flatten(3).permute(0, 3, 1, 2).contiguous().to(z.dtype)  # (B, C, h, w)
+        z_q = _merge(zq).to(z.dtype)
         return QuantizerOutput(z_q, codes, vq_loss, commit_loss)
+
+
+def _merge(rows: torch.Tensor) -> torch.Tensor:
+    """(B, h, w, G, d) group rows -> (B, G*d, h, w) latent, group g in channels [g*d, (g+1)*d)."""
+    return rearrange(rows, "b h w g d -> b (g d) h w").contiguous()
