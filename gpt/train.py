@@ -5,12 +5,11 @@ one `prepare`, resume, then the loop (accumulate, backward, clip, step, EMA, log
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,9 @@ from gpt import GPT, GPTConfig, load_gpt
 from gpt.data import CodeDataset, GlobalBatchSampler
 from tokenizer import sha256_file
 from tokenizer.loading import pick_state_dict
+from tokenizer.runs import (EMA, find_resume_checkpoint, json_ready, list_checkpoints, read_state, save_checkpoint,
+                            start_log)
 
-STATE_FILE = "train_state.json"  # step, data position, resolved config, store fingerprint: beside accelerate's files
 CODEBOOK_KEY = "quantize.embedding.weight"  # the raw code rows the GPT embeds (official and this project's layout)
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -81,25 +81,6 @@ def cross_entropy_per_group(logits: torch.Tensor, codes: torch.Tensor) -> tuple[
     ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view(codes.shape)  # (B, L, G)
     per_group = ce.mean(dim=(0, 1))
     return per_group.mean(), per_group
-
-
-class EMA:
-    """Exponential moving average of a model's parameters, kept in float32 beside it; buffers are copied once."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema, live = list(self.model.parameters()), [p.float() for p in model.parameters()]
-        torch._foreach_lerp_(ema, live, 1.0 - self.decay)
-
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)
 
 
 def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: int | None) -> GPTConfig:
@@ -185,55 +166,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, max_steps
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (an interrupted write leaves only a `.tmp_` directory)."""
-    root = out_dir / "checkpoints"
-    found = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
-
-
-def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    existing = list_checkpoints(out_dir)
-    if resume == "auto":
-        return existing[-1] if existing else None
-    if resume == "none":
-        if existing:
-            raise FileExistsError(f"{out_dir} already holds checkpoints (newest {existing[-1].name}): pass "
-                                  f"resume=auto to continue them, or choose another out_dir")
-        return None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no {STATE_FILE} in it)")
-    return path
-
-
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write accelerate's state and ours into a temporary directory, then rename it into place atomically."""
-    root = out_dir / "checkpoints"
-    final, tmp = root / f"step_{step:07d}", root / f".tmp_step_{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its RNG state; model and optimizer come from rank 0 (or shards)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def check_resume_state(saved: dict, state: dict, path: Path) -> None:
     """A checkpoint continues only the run that wrote it: same model, store, batch and data order."""
     for key in ("model", "store_fingerprint", "tokenizer_sha256", "global_batch_size", "seed", "augment"):
@@ -242,22 +174,12 @@ def check_resume_state(saved: dict, state: dict, path: Path) -> None:
                              f"  checkpoint: {saved[key]}\n  this run:   {state[key]}")
 
 
-def trim_log(log_path: Path, step: int) -> None:
-    """Drop log lines past the resumed step (written after the checkpoint by the run that stopped)."""
-    if not log_path.is_file():
-        return
-    keep = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, log_path)
-
-
 # ---- training ----------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> Path:
     """Train a GPT on the code store `cfg.data.codes_dir`; returns the path of the exported model file."""
     out_dir = Path(cfg.out_dir)
-    trackers = "tensorboard" if _has_tensorboard() else None
+    trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None  # optional
     accelerator = Accelerator(
         mixed_precision=cfg.precision,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -281,7 +203,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.max_steps is None and cfg.epochs is None:
         raise ValueError("set max_steps or epochs")
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * sampler.steps_per_epoch
-    state = _json_ready({
+    state = json_ready({
         "model": model_cfg.to_dict(),
         "store_fingerprint": dataset.fingerprint,
         "tokenizer_sha256": tokenizer_sha,
@@ -291,7 +213,7 @@ def train(cfg: TrainConfig) -> Path:
     })
     resume_from = find_resume_checkpoint(out_dir, cfg.resume)
     if resume_from is not None:
-        check_resume_state(json.loads((resume_from / STATE_FILE).read_text()), state, resume_from)
+        check_resume_state(read_state(resume_from), state, resume_from)
 
     model = GPT(model_cfg, codebook=codebook)
     if cfg.init_from and resume_from is None:
@@ -312,7 +234,7 @@ def train(cfg: TrainConfig) -> Path:
             accelerator.print(f"warning: {resume_from} holds no RNG state for rank {accelerator.process_index} "
                               f"(written by another number of processes): dropout streams restart")
         accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        step = read_state(resume_from)["step"]
     sampler.start_step = step
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=accelerator.device.type == "cuda",
@@ -321,10 +243,7 @@ def train(cfg: TrainConfig) -> Path:
 
     log_path = out_dir / "log.jsonl"
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            log_path.unlink(missing_ok=True)
-        trim_log(log_path, step)
+        start_log(log_path, step, resumed=resume_from is not None)
         accelerator.print(f"training {model_cfg.to_dict()} for {max_steps} steps from step {step} on "
                           f"{accelerator.num_processes} process(es), {len(dataset)} images, "
                           f"{sampler.steps_per_epoch} steps per epoch")
@@ -440,19 +359,6 @@ class LossWindow:
         self.loss_sum, self.grad_norm_sum, self.steps = 0.0, 0.0, 0
         self.start = time.perf_counter()
         return record
-
-
-def _json_ready(obj: dict) -> dict:
-    """As it reads back from JSON (tuples become lists), so a saved state compares equal to a fresh one."""
-    return json.loads(json.dumps(obj))
-
-
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _flat_hparams(cfg: TrainConfig) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 CFG_SCHEDULES = ("constant", "linear")
 _M32 = 0xFFFFFFFF

@@ -20,6 +20,16 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """For tests that build an Accelerator in-process: accelerate's process-wide state must not leak between runs."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_cpu():
     torch.manual_seed(0)

@@ -16,19 +16,14 @@ from PIL import Image
 from torchvision import transforms
 
 from tokenizer import TokenizerConfig
-from tokenizer.data import ImageViews, center_crop_arr, image_views, list_images
+from tokenizer.data import center_crop_arr, image_views, list_images
 from tokenizer.extract import BadImageError, DataConfig, ExtractConfig, extract
 from tokenizer.store import CodeStore, StoreMismatchError, StoreWriter
 
 STORE_FILES = ["codes.npy", "labels.npy", "meta.json"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """extract() builds an Accelerator; its process-wide state must not leak between in-process runs."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """train() builds an Accelerator; its process-wide state must not leak between in-process runs."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ with other settings into the same out_dir is refused with the list of what diffe
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

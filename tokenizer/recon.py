@@ -7,7 +7,6 @@ SSIM is the Gaussian-window SSIM of Wang et al. (11x11, sigma 1.5, on [0, 1]), a
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,12 +9,9 @@ current step's encoder outputs. `train(cfg)` runs in the order of accelerate's e
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +32,7 @@ from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_los
 from tokenizer.model import MGVQ
 from tokenizer.quantizer import MultiGroupQuantizer
 from tokenizer.recon import codebook_usage
-
-STATE_FILE = "train_state.json"
-
+from tokenizer.runs import EMA, find_resume_checkpoint, json_ready, read_state, save_checkpoint, start_log
 
 @dataclass
 class DataConfig:
@@ -169,26 +164,6 @@ class AutoencoderStep(nn.Module):
         return self.mgvq.decode(q.z_q), q, z.detach()
 
 
-class EMA:
-    """Exponential moving average of the parameters; buffers (BatchNorm statistics, usage) follow the live model."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(list(self.model.parameters()), [p.float() for p in model.parameters()], 1 - self.decay)
-        for mine, live in zip(self.model.buffers(), model.buffers()):
-            mine.copy_(live)
-
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)
-
-
 def code_counts(codes: torch.Tensor, codes_per_group: int) -> torch.Tensor:
     """How often each code was chosen: codes (..., G) -> (G, K) float counts."""
     G = codes.shape[-1]
@@ -238,53 +213,6 @@ def warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sched
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (an interrupted write leaves only a `.tmp_` directory)."""
-    root = out_dir / "checkpoints"
-    found = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
-
-
-def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    existing = list_checkpoints(out_dir)
-    if resume == "auto":
-        return existing[-1] if existing else None
-    if resume == "none":
-        if existing:
-            raise FileExistsError(f"{out_dir} already holds checkpoints (newest {existing[-1].name}): pass "
-                                  f"resume=auto to continue them, or choose another out_dir")
-        return None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no {STATE_FILE} in it)")
-    return path
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: dict, keep_last: int) -> None:
-    """accelerate's state (models, optimizers, EMA, RNGs) and ours, written to a temporary dir then renamed."""
-    root = out_dir / "checkpoints"
-    final, tmp = root / f"step_{step:07d}", root / f".tmp_step_{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 # ---- training ----------------------------------------------------------------------------------------------
 
 def build_tokenizer(cfg: TokenizerConfig, loss: LossConfig) -> MGVQ:
@@ -333,13 +261,13 @@ def train(cfg: TrainTokenizerConfig) -> Path:
 
     state = {"tokenizer": MGVQConfig.to_dict(mgvq.config), "global_batch_size": cfg.global_batch_size,
              "seed": cfg.seed, "data_root": str(cfg.data.root), "image_size": cfg.data.image_size,
-             "num_processes": accelerator.num_processes, "config": _json_ready(dataclasses.asdict(cfg))}
+             "num_processes": accelerator.num_processes, "config": json_ready(dataclasses.asdict(cfg))}
     step = 0
     resume_from = find_resume_checkpoint(out_dir, cfg.resume)
     if resume_from is not None:
-        saved = json.loads((resume_from / STATE_FILE).read_text())
+        saved = read_state(resume_from)
         for key in ("tokenizer", "global_batch_size", "seed", "image_size"):
-            if saved[key] != _json_ready(state[key]):
+            if saved[key] != json_ready(state[key]):
                 raise ValueError(f"cannot resume from {resume_from}: its {key} differs from this run's\n"
                                  f"  checkpoint: {saved[key]}\n  this run:   {state[key]}")
         accelerator.load_state(str(resume_from))
@@ -351,10 +279,7 @@ def train(cfg: TrainTokenizerConfig) -> Path:
 
     log_path = out_dir / "log.jsonl"
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            log_path.unlink(missing_ok=True)
-        _trim_log(log_path, step)
+        start_log(log_path, step, resumed=resume_from is not None)
         n_params = sum(p.numel() for p in mgvq.parameters())
         accelerator.print(f"training a {n_params / 1e6:.2f}M-parameter tokenizer for {cfg.max_steps} steps from step "
                           f"{step} on {accelerator.num_processes} process(es), {len(dataset)} images, "
@@ -461,14 +386,3 @@ class Window:
         return record
 
 
-def _trim_log(log_path: Path, step: int) -> None:
-    """Drop log lines past the resumed step (written after the checkpoint by the run that stopped)."""
-    if log_path.is_file():
-        keep = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, log_path)
-
-
-def _json_ready(obj):
-    return json.loads(json.dumps(obj))
