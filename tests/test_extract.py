@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,15 +206,21 @@ def test_code_store_rejects_what_it_cannot_trust(straight, tmp_path):
         CodeStore(broken)
 
 
-def test_two_processes_write_the_same_store_as_one(straight, tmp_path, golden, tiny, repo, expected):
-    """The command of the issue, on two gloo ranks: byte-identical to the in-process single-rank store."""
+def tiny_overrides(tiny: dict) -> list[str]:
+    """The tiny architecture as command-line overrides of the official field names, every per-stage list spelled out."""
     def listing(values):
         return "[" + ",".join(str(v) for v in values) + "]"
 
-    fields = TokenizerConfig.from_dict(tiny).to_dict()  # the tiny architecture, every per-stage list spelled out
+    fields = TokenizerConfig.from_dict(tiny).to_dict()
     overrides = [f"tokenizer.{k}={v}" for k, v in fields.items() if k in ("latent_channels", "codebook_size", "codebook_groups")]
     for part in ("encoder", "decoder"):
         overrides += [f"tokenizer.{part}.{k}={listing(v)}" for k, v in fields[part].items()]
+    return overrides
+
+
+def test_two_processes_write_the_same_store_as_one(straight, tmp_path, golden, tiny, repo, expected):
+    """The command of the issue, on two gloo ranks: byte-identical to the in-process single-rank store."""
+    overrides = tiny_overrides(tiny)
     out = tmp_path / "codes"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -225,3 +233,38 @@ def test_two_processes_write_the_same_store_as_one(straight, tmp_path, golden, t
     assert "[rank 0/2] 3 of 6 images" in run.stdout and "[rank 1/2] 3 of 6 images" in run.stdout
     assert store_bytes(out) == store_bytes(straight)
     assert_golden_codes(CodeStore(out), expected)
+
+
+def test_sigkill_then_the_same_command_gives_the_same_bytes(tmp_path, golden, tiny, repo):
+    """A real crash: SIGKILL to the script's process group mid-run, then the same command finishes the store."""
+    root = tmp_path / "images"
+    sources = sorted((golden / "e2e" / "images").rglob("*.png"))
+    for i in range(48):  # distinct images (shifted copies), so a write to the wrong index would show
+        src = sources[i % len(sources)]
+        (root / src.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(np.asarray(Image.open(src).convert("RGB")), i, axis=1)).save(
+            root / src.parent.name / f"img_{i:03d}.png")
+    out = tmp_path / "codes"
+    cmd = [sys.executable, str(repo / "scripts" / "extract_codes.py"), f"data.root={root}", "data.image_size=128",
+           "data.views=flip", f"out_dir={out}", "batch_size=1", "num_workers=0",
+           f"tokenizer.checkpoint={golden / 'tokenizer_tiny.pt'}", *tiny_overrides(tiny)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    first = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, done = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and first.poll() is None and done < 2:
+        time.sleep(0.01)
+        if (out / "done.npy").is_file():
+            done = int(np.load(out / "done.npy").sum())
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = int(np.load(out / "done.npy").sum())
+    assert 2 <= done < 48 and not (out / "meta.json").exists(), f"the kill came too late ({done} images done)"
+
+    rerun = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"[rank 0/1] {48 - done} of {48 - done} images left" in rerun.stdout  # only what the kill left undone
+
+    extract(config(golden, tiny, tmp_path / "straight", root=root, image_size=128))
+    assert store_bytes(out) == store_bytes(tmp_path / "straight")
