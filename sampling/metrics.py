@@ -28,6 +28,8 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
+from tokenizer import sha256_file
+
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
@@ -155,23 +157,11 @@ def open_images(path: str | os.PathLike) -> Dataset:
     return NpzImages(path)
 
 
-def sha256_file(path: str | os.PathLike, progress: bool = False) -> str:
-    """Full sha256 of a file, streamed in 16 MB chunks (a progress bar for files over 256 MB)."""
-    path, h = Path(path), hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                      disable=not progress or size < 2**28, leave=False) as bar:
-        while chunk := f.read(2**24):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
-
-
 def sha256_images(path: str | os.PathLike, progress: bool = False) -> str:
     """Content hash of an .npz file or an image folder (relative names and bytes of every image)."""
     path = Path(path)
     if not path.is_dir():
-        return sha256_file(path, progress)
+        return sha256_file(path, progress=progress)
     h = hashlib.sha256()
     for f in tqdm(FolderImages(path).files, desc=f"sha256 {path.name}/", unit="file", disable=not progress,
                   leave=False):

@@ -160,7 +160,7 @@ class Sampler:
     def _sha256(self, path: str) -> str:
         """Hashed once per file: a sweep asks for the settings of every point, and GPT-XXL is 6 GB."""
         if path not in self._hashes:
-            self._hashes[path] = sha256_file(path)
+            self._hashes[path] = sha256_file(path, progress=True)
         return self._hashes[path]
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sampling.metrics import EvalConfig, Evaluator, metrics_path, resolve_inception_weights, sha256_file, write_json
+from sampling.metrics import EvalConfig, Evaluator, metrics_path, resolve_inception_weights, write_json
 from sampling.sampler import Sampler, SamplerConfig, write_samples
+from tokenizer import sha256_file
 
 COLUMNS = ["cfg_scale", "top_k", "fid", "inception_score", "inception_score_std", "precision", "recall", "kid",
            "kid_std", "num_samples", "samples"]

@@ -34,11 +34,10 @@ from sampling.metrics import (
     reference_cache_key,
     resolve_inception_weights,
     run,
-    sha256_file,
     sha256_images,
 )
 from gpt import GPT, GPTConfig
-from tokenizer import TokenizerConfig, load_tokenizer
+from tokenizer import TokenizerConfig, load_tokenizer, sha256_file
 
 N = 12  # images per set: Inception runs at a few images per second on a shared CPU
 

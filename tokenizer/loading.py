@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
@@ -12,12 +13,14 @@ from tokenizer.model import MGVQ
 WEIGHT_KEYS = ("ema", "model", "state_dict")
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints are larger than one wants in memory twice)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 24, progress: bool = False) -> str:
+    """Hex sha256 of a file, streamed in chunks; `progress`: a bar for files over 256 MB (GPT-XXL is 6 GB)."""
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}",
+                                      disable=not progress or size < 2**28, leave=False) as bar:
         while block := f.read(chunk_bytes):
             h.update(block)
+            bar.update(len(block))
     return h.hexdigest()
 
 
