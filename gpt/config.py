@@ -8,7 +8,8 @@ from dataclasses import dataclass
 HEADS = ("parallel", "ar")
 INPUT_EMBEDDINGS = ("codebook", "learned")
 
-# LlamaGen's class-conditional sizes (layers x width x heads), and a tiny one for tests and CPU demos.
+# LlamaGen's class-conditional sizes (layers x width x heads), a tiny one for tests, and the quickstart's. The only
+# copy: the hydra `model` group is registered from `GPTConfig.named_presets()` (scripts/_hydra.py).
 PRESETS = {
     "gpt_b": {"n_layer": 12, "dim": 768, "n_head": 12},
     "gpt_l": {"n_layer": 24, "dim": 1024, "n_head": 16},
@@ -16,7 +17,12 @@ PRESETS = {
     "gpt_xxl": {"n_layer": 48, "dim": 1536, "n_head": 24},
     "gpt_3b": {"n_layer": 24, "dim": 3200, "n_head": 32},
     "tiny": {"n_layer": 2, "dim": 64, "n_head": 4},
+    # 16x16 digits (4x4 codes of 4 groups): MGVQ's AR head, no dropout (1,438 images, every class drawn faithfully)
+    "digits": {"n_layer": 4, "dim": 128, "n_head": 4, "multiple_of": 64, "head": "ar", "token_dropout_p": 0.0,
+               "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0},
 }
+# The fields a code store and its tokenizer decide: None in a preset for training, filled from the store.
+FROM_STORE = ("num_classes", "codebook_groups", "codebook_size", "grid_size", "codebook_embed_dim")
 
 # Defaults of the official `ModelArgs` (MGVQ gpt_emb_simple.py) for the fields an official config may omit.
 OFFICIAL_DEFAULTS = {
@@ -73,6 +79,11 @@ class GPTConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown GPT preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def named_presets(cls) -> dict[str, GPTConfig]:
+        """Every preset with the store-derived fields unset (None), as the hydra `model` group offers them."""
+        return {name: cls.preset(name, **dict.fromkeys(FROM_STORE)) for name in PRESETS}
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:

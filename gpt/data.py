@@ -1,17 +1,16 @@
-"""Training data over a code store: one augmented view per image per epoch, sharded by global batch.
+"""Training data over a code store: one augmented view per image per epoch.
 
-The order of images and the view drawn for each are functions of (seed, epoch) only, and every optimizer
-step consumes one global batch, split first into `grad_accum` micro-steps and then across ranks. So the
-samples behind a step do not depend on the number of processes, and the data position is just the step.
+The order of images and the view drawn for each are functions of (seed, epoch) only (`epoch_plan`); the shared
+`tokenizer.common.runs.GlobalBatchSampler` turns the plan into per-rank micro-batches, so the samples behind a
+step do not depend on the number of processes, and the data position is just the step.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from tokenizer.store import CodeStore
 
@@ -61,45 +60,3 @@ class CodeDataset(Dataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._codes = CodeStore(self.codes_dir).codes
-
-
-class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
-    """This rank's micro-batches of (image, view) keys, endlessly, from optimizer step `start_step` on.
-
-    Step s of epoch e = s // steps_per_epoch takes the next `global_batch_size` images of that epoch's order
-    (the tail that does not fill a global batch is left out); micro-step a of it is the slice
-    [a * world * micro, (a + 1) * world * micro), of which rank r takes the r-th `micro` images.
-    """
-
-    def __init__(self, dataset: CodeDataset, global_batch_size: int, grad_accum: int = 1, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0):
-        if global_batch_size % (world_size * grad_accum):
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                             f"num_processes * grad_accum = {world_size} * {grad_accum}")
-        self.steps_per_epoch = len(dataset) // global_batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"global_batch_size={global_batch_size} exceeds the {len(dataset)} usable images "
-                             f"of {dataset.codes_dir}")
-        self.dataset = dataset
-        self.global_batch_size = global_batch_size
-        self.grad_accum = grad_accum
-        self.rank = rank
-        self.world_size = world_size
-        self.micro_batch_size = global_batch_size // (world_size * grad_accum)
-        self.start_step = start_step
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, global batch within the epoch) that optimizer step `step` (0-based) consumes."""
-        return divmod(step, self.steps_per_epoch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step, plan_epoch = self.start_step, None
-        while True:
-            epoch, batch = self.position(step)
-            if epoch != plan_epoch:
-                order, views = self.dataset.epoch_plan(epoch)
-                plan_epoch = epoch
-            images = order[batch * self.global_batch_size:(batch + 1) * self.global_batch_size]
-            for chunk in images.reshape(self.grad_accum, self.world_size, self.micro_batch_size):
-                yield [(int(i), int(views[i])) for i in chunk[self.rank]]
-            step += 1

@@ -149,7 +149,7 @@ def generate(
     top_k: int | Sequence[int] = 0,
     top_p: float | Sequence[float] = 1.0,
     seeds: torch.Tensor | None = None,
-    groups_to_use: int | None = None,
+    sampled_groups: int | None = None,
     top_k_log2: bool = False,
 ) -> torch.Tensor:
     """Sample codes (B, L, G) int64 for class labels (B,) with the model's KV cache.
@@ -159,16 +159,16 @@ def generate(
     `temperature`, `top_k`, `top_p`: a scalar or one value per group; top_k 0 and top_p 1 mean no filtering,
     top_k 1 is greedy decoding. `top_k_log2`: read top_k as MGVQ's exponent (k = 2**top_k).
     `seeds` (B,) non-negative int64: each sample's own random stream (None: drawn from torch's generator).
-    `groups_to_use` n: only the first n groups are sampled, later ones are decoded greedily (they still
+    `sampled_groups` n: only the first n groups are sampled, later ones are decoded greedily (they still
     condition the model but are dropped by a coarse-to-fine decode with the same n).
     """
     cfg = model.config
     G, L = cfg.codebook_groups, cfg.seq_len
     temps, ks, ps = _check_settings(G, temperature, top_k, top_p, top_k_log2)
-    if groups_to_use is not None:
-        if not 1 <= groups_to_use <= G:
-            raise ValueError(f"groups_to_use={groups_to_use}: expected 1..{G}")
-        ks = [k if g < groups_to_use else 1 for g, k in enumerate(ks)]
+    if sampled_groups is not None:
+        if not 1 <= sampled_groups <= G:
+            raise ValueError(f"sampled_groups={sampled_groups}: expected 1..{G}")
+        ks = [k if g < sampled_groups else 1 for g, k in enumerate(ks)]
     B, device = labels.shape[0], labels.device
     if seeds is None:
         seeds = torch.randint(2**62, (B,), dtype=torch.int64)

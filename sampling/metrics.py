@@ -28,7 +28,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
-from tokenizer import sha256_file
+from tokenizer.common.io import atomic_path, sha256_file, write_json_atomic
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -352,11 +352,9 @@ class Evaluator:
         if cache.is_file():
             return Reference(pool=torch.load(cache, weights_only=True)["pool"], stats=stats, sha256=sha)
         pool = self.features(open_images(path), desc="inception (reference)")[POOL]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        torch.save({"pool": pool, "reference": str(path), "reference_sha256": sha,
-                    "weights_sha256": self.weights_sha256}, tmp)
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            torch.save({"pool": pool, "reference": str(path), "reference_sha256": sha,
+                        "weights_sha256": self.weights_sha256}, tmp)
         return Reference(pool=pool, stats=stats, sha256=sha)
 
     def evaluate(self, samples: str | os.PathLike, reference: str | os.PathLike) -> dict:
@@ -396,18 +394,10 @@ def metrics_path(samples: str | os.PathLike) -> Path:
     return samples.with_name(samples.name.removesuffix(".npz") + ".metrics.json")
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(cfg: EvalConfig) -> dict:
     """Evaluate `cfg.samples` against `cfg.reference` and write the metrics JSON."""
     result = Evaluator(cfg).evaluate(cfg.samples, cfg.reference)
     out = Path(cfg.out) if cfg.out else metrics_path(cfg.samples)
     result["settings"]["out"] = str(out)
-    write_json(out, result)
+    write_json_atomic(out, result)
     return result

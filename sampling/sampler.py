@@ -16,10 +16,9 @@ boundary (one pixel off by 1 was seen between 1 and 2 threads).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,22 +29,18 @@ from tqdm import tqdm
 
 from gpt import GPT, GPTConfig, load_gpt
 from sampling.generate import CFG_SCHEDULES, generate
-from tokenizer import MGVQ, TokenizerConfig, load_tokenizer, sha256_file
+from tokenizer import MGVQ, TokenizerRef
+from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic
+from tokenizer.common.precision import autocast_dtype, check_precision
+from tokenizer.common.settings import refuse_mismatch
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: no wall-clock time in the file, so equal runs give equal bytes
 
 
 @dataclass
 class SamplerConfig:
-    """What a sampler is built from and how it samples. Every field is recorded in the sample file's sidecar."""
+    """How a sampler samples (conf/sampler/default.yaml). Every field is recorded in the sample file's sidecar."""
 
-    gpt_ckpt: str  # this project's model file (e.g. <train out_dir>/export/model.pt) or an official MGVQ GPT
-    tokenizer: TokenizerConfig  # the hydra `tokenizer` group; tokenizer.checkpoint is required
-    # Official-layout GPT checkpoints store no config: their ModelArgs fields, e.g. GPT-XXL at 384px
-    # {dim: 1536, n_layer: 48, n_head: 24, block_size: 576}. vocab_size, codebook_groups and codebook_embed_dim
-    # default to the tokenizer's. None: the file's own config (this project's model files).
-    gpt_official: Optional[dict[str, Any]] = None
     cfg_scale: float = 2.0
     cfg_interval: float = -1  # LlamaGen's: guidance off at positions t > cfg_interval + 1; -1 never
     cfg_schedule: str = "constant"  # constant | linear (ramp from 1 at the first position to cfg_scale at the last)
@@ -60,14 +55,23 @@ class SamplerConfig:
     compile: bool = False  # torch.compile the GPT's decode step (CUDA graphs on GPU)
 
     def check(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: expected one of {sorted(PRECISIONS)}")
+        check_precision(self.precision, ("fp32", "bf16"))
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={self.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**31")
-        if not self.tokenizer.checkpoint:
-            raise ValueError("tokenizer.checkpoint is required: the MGVQ weights that decode the codes")
+
+
+@dataclass
+class ModelFiles:
+    """The GPT and the tokenizer a sampler draws with (the `gpt_ckpt`, `gpt_official`, `tokenizer` of a run config)."""
+
+    gpt_ckpt: str  # this project's model file (e.g. <train out_dir>/export/model.pt) or an official MGVQ GPT
+    tokenizer: TokenizerRef  # the hydra `tokenizer` group; tokenizer.checkpoint is required
+    # Official-layout GPT checkpoints store no config: their ModelArgs fields, e.g. GPT-XXL at 384px
+    # {dim: 1536, n_layer: 48, n_head: 24, block_size: 576}. vocab_size, codebook_groups and codebook_embed_dim
+    # default to the tokenizer's. None: the file's own config (this project's model files).
+    gpt_official: Optional[dict[str, Any]] = None
 
 
 def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
@@ -77,19 +81,18 @@ def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
     return seed * 2**32 + indices.to(torch.int64)
 
 
-def load_models(cfg: SamplerConfig, device: torch.device | str = "cpu") -> tuple[GPT, MGVQ]:
-    """The GPT and tokenizer `cfg` names, on `device`, in eval mode."""
-    tokenizer = load_tokenizer(cfg.tokenizer.checkpoint, cfg.tokenizer)
-    config = None
-    if cfg.gpt_official is not None:
-        t = cfg.tokenizer
+def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[GPT, MGVQ]:
+    """The GPT and tokenizer `files` names, on `device`, in eval mode."""
+    tokenizer = files.tokenizer.load()
+    config, t = None, tokenizer.config
+    if files.gpt_official is not None:
         config = GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
-                                          "codebook_embed_dim": t.latent_channels, **cfg.gpt_official})
-    gpt = load_gpt(cfg.gpt_ckpt, config, codebook=tokenizer.codebook())
-    c, t = gpt.config, tokenizer.config
+                                          "codebook_embed_dim": t.latent_channels, **files.gpt_official})
+    gpt = load_gpt(files.gpt_ckpt, config, codebook=tokenizer.codebook())
+    c = gpt.config
     if (c.codebook_groups, c.codebook_size) != (t.codebook_groups, t.codes_per_group):
-        raise ValueError(f"{cfg.gpt_ckpt} samples {c.codebook_groups} groups x {c.codebook_size} codes but the tokenizer "
-                         f"{cfg.tokenizer.checkpoint} has {t.codebook_groups} x {t.codes_per_group}")
+        raise ValueError(f"{files.gpt_ckpt} samples {c.codebook_groups} groups x {c.codebook_size} codes but the "
+                         f"tokenizer {files.tokenizer.checkpoint} has {t.codebook_groups} x {t.codes_per_group}")
     return gpt.to(device), tokenizer.to(device)
 
 
@@ -108,9 +111,9 @@ def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
 class Sampler:
     """labels + seeds -> uint8 images (N, H, W, 3). Demo, DDP sampler and CFG sweep all draw through it."""
 
-    def __init__(self, gpt: GPT, tokenizer: MGVQ, config: SamplerConfig):
+    def __init__(self, gpt: GPT, tokenizer: MGVQ, config: SamplerConfig, files: ModelFiles | None = None):
         config.check()
-        self.gpt, self.tokenizer, self.config = gpt.eval(), tokenizer.eval(), config
+        self.gpt, self.tokenizer, self.config, self.files = gpt.eval(), tokenizer.eval(), config, files
         self.device = next(gpt.parameters()).device
         self.num_classes = gpt.config.num_classes
         self._hashes: dict[str, str] = {}
@@ -121,13 +124,14 @@ class Sampler:
             gpt.decode_step = torch.compile(gpt.decode_step, mode=mode)
 
     @classmethod
-    def from_config(cls, config: SamplerConfig, device: torch.device | str = "cpu") -> Sampler:
+    def from_files(cls, files: ModelFiles, config: SamplerConfig, device: torch.device | str = "cpu") -> Sampler:
         config.check()
-        return cls(*load_models(config, device), config)
+        files.tokenizer.require_checkpoint("the tokenizer weights that decode the codes")
+        return cls(*load_models(files, device), config, files)
 
     def codes(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """Codes (B, L, G) int64 for labels (B,) and seeds (B,)."""
-        c, dtype = self.config, PRECISIONS[self.config.precision]
+        c, dtype = self.config, autocast_dtype(self.config.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return generate(self.gpt, labels.to(self.device), cfg_scale=c.cfg_scale, cfg_interval=c.cfg_interval,
                             cfg_schedule=c.cfg_schedule, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
@@ -151,23 +155,26 @@ class Sampler:
         return labels, self.sample(labels, sample_seeds(self.config.seed, indices))
 
     def settings(self) -> dict:
-        """Every setting and the checkpoints' hashes, for a sidecar."""
-        c = self.config
-        return {**dataclasses.asdict(c), "gpt_sha256": self._sha256(c.gpt_ckpt),
-                "tokenizer_sha256": self._sha256(c.tokenizer.checkpoint), "gpt_config": self.gpt.config.to_dict(),
-                "num_classes": self.num_classes}
+        """Every setting, the models' configs and their files' hashes, for a sidecar."""
+        files = {}
+        if self.files is not None:
+            files = {"gpt_ckpt": self.files.gpt_ckpt, "gpt_sha256": self._sha256(self.files.gpt_ckpt),
+                     "tokenizer_checkpoint": self.files.tokenizer.checkpoint,
+                     "tokenizer_sha256": self._sha256(self.files.tokenizer.checkpoint)}
+        return {"sampler": dataclasses.asdict(self.config), **files, "gpt_config": self.gpt.config.to_dict(),
+                "tokenizer_config": self.tokenizer.config.to_dict(), "num_classes": self.num_classes}
+
+    def identity(self) -> dict:
+        """What decides the pixels: every setting but the compile switch, the files by content (not by path)."""
+        settings = self.settings()
+        settings["sampler"].pop("compile")
+        return {k: v for k, v in settings.items() if k not in ("gpt_ckpt", "tokenizer_checkpoint")}
 
     def _sha256(self, path: str) -> str:
         """Hashed once per file: a sweep asks for the settings of every point, and GPT-XXL is 6 GB."""
         if path not in self._hashes:
             self._hashes[path] = sha256_file(path, progress=True)
         return self._hashes[path]
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def png_path(png_dir: Path, i: int) -> Path:
@@ -178,8 +185,7 @@ def write_npz(path: Path, png_dir: Path, num_samples: int, num_classes: int) -> 
     """Pack PNGs 0..N-1 into an uncompressed .npz (arr_0, labels), streamed: 50k images never sit in RAM."""
     first = np.asarray(Image.open(png_path(png_dir, 0)).convert("RGB"))
     shape = (num_samples, *first.shape)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open(zipfile.ZipInfo("arr_0.npy", _ZIP_TIME), "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for i in tqdm(range(num_samples), desc=f"pack {path.name}", unit="img", dynamic_ncols=True):
@@ -189,7 +195,6 @@ def write_npz(path: Path, png_dir: Path, num_samples: int, num_classes: int) -> 
                 f.write(image.tobytes())
         with zf.open(zipfile.ZipInfo("labels.npy", _ZIP_TIME), "w", force_zip64=True) as f:
             np.lib.format.write_array(f, np.arange(num_samples, dtype=np.int64) % num_classes)
-    os.replace(tmp, path)
 
 
 def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike, batch_size: int = 32,
@@ -204,23 +209,16 @@ def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike
     out_dir = Path(out_dir)
     png_dir = out_dir / "png"
     npz_path = Path(npz_path) if npz_path else out_dir / "samples.npz"
-    settings = sampler.settings()
-    # What decides the pixels: the files by content (not by path), every setting but the compile switch.
-    identity = {k: v for k, v in settings.items() if k not in ("compile", "gpt_ckpt")}
-    identity["tokenizer"] = {k: v for k, v in identity["tokenizer"].items() if k != "checkpoint"}
+    identity = sampler.identity()
     made_by = out_dir / "settings.json"
     if made_by.is_file():  # every rank checks, so a refusal stops all of them alike
-        old = json.loads(made_by.read_text())
-        differ = sorted(k for k in old.keys() | identity.keys() if old.get(k) != identity.get(k))
-        if differ:
-            raise ValueError(f"{out_dir} holds samples drawn with other settings ({', '.join(differ)}): "
-                             f"use another out_dir or remove it")
+        refuse_mismatch(read_json(made_by), identity, f"the samples in {out_dir}", "use another out_dir or remove it")
     if is_main:
         png_dir.mkdir(parents=True, exist_ok=True)
-        for stale in png_dir.glob("*.png.tmp*"):  # PNG writes a kill interrupted
+        for stale in png_dir.glob(".*.png.tmp*"):  # PNG writes a kill interrupted
             stale.unlink()
         if not made_by.is_file():
-            _atomic_json(made_by, identity)
+            write_json_atomic(made_by, identity)
     _barrier(accelerator)  # every rank lists the PNGs before any rank writes one
 
     starts = range(0, num_samples, batch_size)
@@ -234,17 +232,16 @@ def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike
         for i, image in zip(indices.tolist(), images):
             path = png_path(png_dir, i)
             if not path.is_file():
-                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-                Image.fromarray(image).save(tmp, format="PNG")
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    Image.fromarray(image).save(tmp, format="PNG")
         bar.update(min(len(indices) * world, bar.total - bar.n))  # every rank works on a batch meanwhile
     bar.close()
     _barrier(accelerator)
 
     if is_main:
         write_npz(npz_path, png_dir, num_samples, sampler.num_classes)
-        _atomic_json(npz_path.with_suffix(".json"), {
-            **settings, "num_samples": num_samples, "samples": str(npz_path),
+        write_json_atomic(npz_path.with_suffix(".json"), {
+            **sampler.settings(), "num_samples": num_samples, "samples": str(npz_path),
             "run": {"batch_size": batch_size, "num_processes": world, "device": str(sampler.device)}})
     _barrier(accelerator)
     return npz_path
@@ -256,9 +253,10 @@ def _barrier(accelerator) -> None:
 
 
 @dataclass(kw_only=True)
-class SampleRunConfig(SamplerConfig):
-    """conf/sample.yaml: a sampler plus how many samples, where, and in which batches."""
+class SampleRunConfig(ModelFiles):
+    """conf/sample.yaml: the models, how to sample, how many samples, where, and in which batches."""
 
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     out_dir: str  # PNGs in out_dir/png, the .npz and its sidecar at out_dir/samples.{npz,json}
     num_samples: int = 50000  # sample i has label i mod num_classes
     batch_size: int = 32  # samples per batch and process (the GPT runs 2x that with CFG)
@@ -269,13 +267,11 @@ def run(cfg: SampleRunConfig) -> Path:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    sampler_cfg = SamplerConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplerConfig)})
-    sampler = Sampler.from_config(sampler_cfg, accelerator.device)
-    if accelerator.is_main_process:
-        print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), {accelerator.device}: "
-              f"{cfg.gpt_ckpt}, cfg_scale {cfg.cfg_scale}, top_k {cfg.top_k}, top_p {cfg.top_p}, "
-              f"temperature {cfg.temperature}", flush=True)
+    sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
+    s = cfg.sampler
+    accelerator.print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), "
+                      f"{accelerator.device}: {cfg.gpt_ckpt}, cfg_scale {s.cfg_scale}, top_k {s.top_k}, top_p {s.top_p}, "
+                      f"temperature {s.temperature}")
     path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator)
-    if accelerator.is_main_process:
-        print(f"wrote {path} ({cfg.num_samples} images) and {path.with_suffix('.json')}", flush=True)
+    accelerator.print(f"wrote {path} ({cfg.num_samples} images) and {path.with_suffix('.json')}")
     return path

@@ -6,6 +6,8 @@
 """
 import argparse
 
+from tokenizer.common.precision import autocast_dtype
+
 
 def bench_extract(args: argparse.Namespace) -> None:
     """Tokenizer encode throughput (images -> codes, the work of extract_codes per view) on random images."""
@@ -22,7 +24,7 @@ def bench_extract(args: argparse.Namespace) -> None:
     model = load_tokenizer(args.checkpoint, config) if args.checkpoint else MGVQ(config).eval().requires_grad_(False)
     model = model.to(device)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = autocast_dtype(args.precision)
 
     @torch.no_grad()
     def step() -> None:
@@ -60,7 +62,8 @@ def bench_train(args: argparse.Namespace) -> None:
     import torch
 
     from gpt import GPT, GPTConfig
-    from gpt.train import cross_entropy_per_group, make_optimizer
+    from gpt.train import TrainConfig, cross_entropy_per_group
+    from tokenizer.common.runs import make_optimizer
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -68,12 +71,13 @@ def bench_train(args: argparse.Namespace) -> None:
                               grid_size=args.grid, num_classes=1000, codebook_embed_dim=32, head=args.head)
     codebook = torch.randn(args.groups * args.codes_per_group, 32 // args.groups)
     model = GPT(config, codebook=codebook).to(device).train()
-    optimizer = make_optimizer(model, 1e-4, 0.05, (0.9, 0.95), fused=device.type == "cuda")
+    optimizer = make_optimizer(model, TrainConfig(data=None, model=config, tokenizer=None, out_dir=""),
+                               fused=device.type == "cuda")  # LlamaGen's recipe: the TrainConfig defaults
     step_fn = torch.compile(model) if args.compile else model
     L = args.grid * args.grid
     codes = torch.randint(args.codes_per_group, (args.batch_size, L, args.groups), device=device)
     labels = torch.randint(1000, (args.batch_size,), device=device)
-    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = autocast_dtype(args.precision)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -106,7 +110,7 @@ def bench_train(args: argparse.Namespace) -> None:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="gpt_b", help="gpt_b, gpt_l, gpt_xl, gpt_xxl, gpt_3b, tiny")
     p.add_argument("--batch-size", type=int, default=8, help="per device")
-    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="bf16")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--grid", type=int, default=16, help="code grid side (16 for 256px, 24 for 384px at f16)")
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--codes-per-group", type=int, default=8192, help="MGVQ-G4: 32768 codes = 4 x 8192")
@@ -133,7 +137,7 @@ def bench_sample(args: argparse.Namespace) -> None:
                               num_classes=1000, codebook_embed_dim=32, head=args.head)
     model = GPT(config, codebook=torch.randn(G * K, 32 // G)).to(device).eval()
     L, rows = config.seq_len, B * (2 if args.cfg_scale != 1.0 else 1)  # the GPT runs both CFG halves
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+    dtype = autocast_dtype(args.precision)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
 
     def timed(fn, repeats: int, warmup: bool = True) -> float:

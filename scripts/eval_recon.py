@@ -7,18 +7,14 @@ Every key of tokenizer.recon.ReconConfig can be set as KEY=VALUE (see conf/eval_
 """
 import json
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import _hydra
 
 from tokenizer.recon import ReconConfig, eval_recon
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="eval_recon")
-def main(cfg: DictConfig) -> None:
-    cfg = OmegaConf.merge(OmegaConf.structured(ReconConfig), cfg)
-    result = eval_recon(OmegaConf.to_object(cfg))
+def report(result: dict) -> None:
     print(json.dumps({k: result[k] for k in ("num_images", "psnr", "ssim", "codebook_used", "codebook_perplexity")}))
 
 
 if __name__ == "__main__":
-    main()
+    _hydra.main("eval_recon", ReconConfig, eval_recon, report)

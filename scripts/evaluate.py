@@ -8,20 +8,15 @@ every setting go to <samples>.metrics.json (or out=...).
 """
 import json
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import _hydra
 
 from sampling.metrics import EvalConfig, run
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    # Merge onto the dataclass schema: unknown keys and wrong types fail here, before any work.
-    cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), cfg)
-    result = run(OmegaConf.to_object(cfg))
+def report(result: dict) -> None:
     print(json.dumps(result["metrics"], indent=2))
     print(f"wrote {result['settings']['out']}")
 
 
 if __name__ == "__main__":
-    main()
+    _hydra.main("evaluate", EvalConfig, run, report)

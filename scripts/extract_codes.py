@@ -6,18 +6,9 @@
 Rerunning the same command resumes; other settings into the same out_dir are refused. Every key of
 tokenizer.extract.ExtractConfig can be set as KEY=VALUE (see conf/extract_codes.yaml).
 """
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import _hydra
 
 from tokenizer.extract import ExtractConfig, extract
 
-
-@hydra.main(version_base=None, config_path="../conf", config_name="extract_codes")
-def main(cfg: DictConfig) -> None:
-    # Merge onto the dataclass schema: unknown keys and wrong types fail here, before any work.
-    cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), cfg)
-    extract(OmegaConf.to_object(cfg))
-
-
 if __name__ == "__main__":
-    main()
+    _hydra.main("extract_codes", ExtractConfig, extract)

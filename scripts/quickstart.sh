@@ -42,11 +42,11 @@ stage "3/7 codes: the training digits -> code store"
 stage "4/7 GPT: class-conditional, AR head over the 4 groups (2 processes)"
 "${LAUNCH[@]}" scripts/train_gpt.py model=digits data.codes_dir="$OUT/codes" data.augment=false data.num_workers=0 \
     tokenizer.checkpoint="$TOKENIZER" out_dir="$OUT/gpt" max_steps=1500 epochs=null global_batch_size=64 lr=1e-3 \
-    warmup_steps=100 lr_schedule=cosine weight_decay=0.05 precision=no log_every=100 ckpt_every=500
+    warmup_steps=100 lr_schedule=cosine weight_decay=0.05 precision=fp32 log_every=100 ckpt_every=500
 
 stage "5/7 samples: 500 images (50 per class) with classifier-free guidance 1.5 (2 processes)"
 "${LAUNCH[@]}" scripts/sample_c2i_ddp.py tokenizer=digits tokenizer.checkpoint="$TOKENIZER" \
-    gpt_ckpt="$OUT/gpt/export/model.pt" cfg_scale=1.5 num_samples=500 batch_size=50 out_dir="$OUT/samples"
+    gpt_ckpt="$OUT/gpt/export/model.pt" sampler.cfg_scale=1.5 num_samples=500 batch_size=50 out_dir="$OUT/samples"
 
 stage "6/7 tokenizer PSNR on the held-out digits"
 "$PY" scripts/eval_recon.py tokenizer=digits tokenizer.checkpoint="$TOKENIZER" data.root="$OUT/digits/val" \

@@ -1,25 +1,17 @@
 """Sample N class-conditional images to PNGs and one ADM-format .npz, on as many processes as launched.
 
     accelerate launch scripts/sample_c2i_ddp.py gpt_ckpt=runs/gpt_b/export/model.pt \
-        tokenizer=mgvq-f16c32-g4 tokenizer.checkpoint=mgvq_f16c32_g4.pt cfg_scale=2.0 out_dir=samples/gpt_b
+        tokenizer=mgvq-f16c32-g4 tokenizer.checkpoint=mgvq_f16c32_g4.pt sampler.cfg_scale=2.0 out_dir=samples/gpt_b
     torchrun --nproc_per_node 8 scripts/sample_c2i_ddp.py ...   # the same
 
 Sample i has label i mod num_classes and its own random stream, so the .npz is the same for any number of
 processes; rerunning the same command after a kill keeps the finished PNGs. Every key of
-sampling.sampler.SampleRunConfig can be set as KEY=VALUE (see conf/sample.yaml).
+sampling.sampler.SampleRunConfig can be set as KEY=VALUE (see conf/sample.yaml; the sampler's settings are
+sampler.*, conf/sampler/default.yaml).
 """
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import _hydra
 
 from sampling.sampler import SampleRunConfig, run
 
-
-@hydra.main(version_base=None, config_path="../conf", config_name="sample")
-def main(cfg: DictConfig) -> None:
-    # Merge onto the dataclass schema: unknown keys and wrong types fail here, before any work.
-    cfg = OmegaConf.merge(OmegaConf.structured(SampleRunConfig), cfg)
-    run(OmegaConf.to_object(cfg))
-
-
 if __name__ == "__main__":
-    main()
+    _hydra.main("sample", SampleRunConfig, run)

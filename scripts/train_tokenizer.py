@@ -5,18 +5,9 @@
 Every key of tokenizer.train.TrainTokenizerConfig can be set as KEY=VALUE (see conf/train_tokenizer.yaml). The
 result, <out_dir>/export/tokenizer.pt, loads with `tokenizer.load_tokenizer(path)`.
 """
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import _hydra
 
 from tokenizer.train import TrainTokenizerConfig, train
 
-
-@hydra.main(version_base=None, config_path="../conf", config_name="train_tokenizer")
-def main(cfg: DictConfig) -> None:
-    # Merge onto the dataclass schema: unknown keys and wrong types fail here, before any work.
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainTokenizerConfig), cfg)
-    train(OmegaConf.to_object(cfg))
-
-
 if __name__ == "__main__":
-    main()
+    _hydra.main("train_tokenizer", TrainTokenizerConfig, train)

@@ -34,3 +34,17 @@ def fresh_accelerate_state():
 def _deterministic_cpu():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def hydra_presets() -> None:
+    """The tokenizer and model presets in hydra's ConfigStore, as scripts/_hydra.py registers them."""
+    from hydra.core.config_store import ConfigStore
+
+    from gpt.config import GPTConfig
+    from tokenizer.config import MGVQConfig, TokenizerRef
+
+    for name, arch in MGVQConfig.named_presets().items():
+        ConfigStore.instance().store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
+    for name, model in GPTConfig.named_presets().items():
+        ConfigStore.instance().store(group="model", name=name, node=model)

@@ -1,7 +1,6 @@
 """Code extraction: golden codes, 1 vs 2 processes, kill and resume, refusal of mismatched reruns, bad images."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -17,9 +16,9 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from torchvision import transforms
 
-from tokenizer import TokenizerConfig
+from tokenizer import MGVQConfig, TokenizerRef
 from tokenizer.data import center_crop_arr, image_views, list_images
-from tokenizer.extract import BadImageError, DataConfig, ExtractConfig, extract
+from tokenizer.extract import BadImageError, ExtractConfig, ExtractDataConfig, extract
 from tokenizer.store import CodeStore, StoreMismatchError, StoreWriter
 
 STORE_FILES = ["codes.npy", "labels.npy", "meta.json"]
@@ -40,9 +39,8 @@ def expected(golden) -> dict:
 
 def config(golden: Path, tiny: dict, out_dir: Path, root: Path | None = None, checkpoint: Path | None = None,
            batch_size: int = 4, **data) -> ExtractConfig:
-    tokenizer = dataclasses.replace(TokenizerConfig.from_dict(tiny),
-                                    checkpoint=str(checkpoint or golden / "tokenizer_tiny.pt"))
-    data = DataConfig(root=str(root or golden / "e2e" / "images"), **{"image_size": 64, "views": "flip", **data})
+    tokenizer = TokenizerRef(config=MGVQConfig.from_dict(tiny), checkpoint=str(checkpoint or golden / "tokenizer_tiny.pt"))
+    data = ExtractDataConfig(root=str(root or golden / "e2e" / "images"), **{"image_size": 64, "views": "flip", **data})
     return ExtractConfig(data=data, tokenizer=tokenizer, out_dir=str(out_dir), batch_size=batch_size, num_workers=0)
 
 
@@ -146,9 +144,9 @@ def test_a_mismatched_rerun_is_refused(straight, tmp_path, golden, tiny, change)
     before = store_bytes(out)
     kwargs, asked = {}, tiny
     if change == "image_size":
-        kwargs, expect = {"image_size": 32}, "image_size: 64 in the store, 32 now"
+        kwargs, expect = {"image_size": 32}, "image_size: 64 on disk, 32 now"
     elif change == "views":
-        kwargs, expect = {"views": "tencrop"}, "views: 'flip' in the store, 'tencrop' now"
+        kwargs, expect = {"views": "tencrop"}, "views: 'flip' on disk, 'tencrop' now"
     elif change == "tokenizer":
         other = tmp_path / "other.pt"
         state = torch.load(golden / "tokenizer_tiny.pt", weights_only=True)
@@ -162,7 +160,7 @@ def test_a_mismatched_rerun_is_refused(straight, tmp_path, golden, tiny, change)
         kwargs, expect = {"root": root}, "files_fingerprint"
     else:
         asked = dict(tiny, codebook_groups=2)
-        expect = "tokenizer.codebook_groups: 4 in the store, 2 now"
+        expect = "tokenizer.codebook_groups: 4 on disk, 2 now"
     with pytest.raises(StoreMismatchError, match=expect):
         extract(config(golden, asked, out, **kwargs))
     assert store_bytes(out) == before
@@ -211,10 +209,11 @@ def tiny_overrides(tiny: dict) -> list[str]:
     def listing(values):
         return "[" + ",".join(str(v) for v in values) + "]"
 
-    fields = TokenizerConfig.from_dict(tiny).to_dict()
-    overrides = [f"tokenizer.{k}={v}" for k, v in fields.items() if k in ("latent_channels", "codebook_size", "codebook_groups")]
+    fields = MGVQConfig.from_dict(tiny).to_dict()
+    overrides = [f"tokenizer.config.{k}={v}" for k, v in fields.items()
+                 if k in ("latent_channels", "codebook_size", "codebook_groups")]
     for part in ("encoder", "decoder"):
-        overrides += [f"tokenizer.{part}.{k}={listing(v)}" for k, v in fields[part].items()]
+        overrides += [f"tokenizer.config.{part}.{k}={listing(v)}" for k, v in fields[part].items()]
     return overrides
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenizer import TokenizerConfig, load_tokenizer
+from tokenizer import MGVQConfig, TokenizerRef
 from tokenizer.data import ImageViews
 from tokenizer.recon import ReconConfig, ReconDataConfig, codebook_usage, eval_recon, psnr_from_mse, ssim
 
@@ -51,8 +51,8 @@ def test_ssim_psnr_and_usage_match_hand_computed_values():
 
 
 def test_eval_recon_on_the_golden_tokenizer(tmp_path, golden):
-    config = dataclasses.replace(
-        TokenizerConfig.from_dict(torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]),
+    config = TokenizerRef(
+        config=MGVQConfig.from_dict(torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]),
         checkpoint=str(golden / "tokenizer_tiny.pt"))
     cfg = ReconConfig(data=ReconDataConfig(root=str(golden / "e2e" / "images"), image_size=64), tokenizer=config,
                       out=str(tmp_path / "recon.json"), batch_size=4, num_workers=0, device="cpu")
@@ -60,7 +60,7 @@ def test_eval_recon_on_the_golden_tokenizer(tmp_path, golden):
     assert json.loads((tmp_path / "recon.json").read_text()) == result
 
     # The same numbers by hand, on all six images at once.
-    model = load_tokenizer(config.checkpoint, config)
+    model = config.load()
     x = torch.stack([ImageViews(cfg.data.root, 64)[i][1][0] for i in range(6)])  # (6, 3, 64, 64)
     with torch.no_grad():
         codes = model.encode_codes(x)

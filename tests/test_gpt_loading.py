@@ -1,10 +1,8 @@
-"""GPT configs and model files: presets, conf/model YAML, the official MGVQ layout (manifests, strict loading)."""
+"""GPT configs and model files: presets, the official MGVQ layout (manifests, strict loading)."""
 import dataclasses
-import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from gpt import GPT, GPTConfig, load_gpt
 from gpt.config import PRESETS
@@ -151,13 +149,4 @@ def test_invalid_configs_are_refused(bad, match):
         GPT(config)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_conf_model_yaml_holds_the_preset(repo, name):
-    path = repo / "conf" / "model" / f"{name}.yaml"
-    raw = OmegaConf.to_container(OmegaConf.load(path))
-    assert set(raw) == {f.name for f in dataclasses.fields(GPTConfig)}
-    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GPTConfig), raw))
-    data = {"num_classes", "codebook_groups", "codebook_size", "grid_size", "codebook_embed_dim"}
-    assert all(getattr(config, f) is None for f in data)  # taken from the code store
-    assert config == GPTConfig.preset(name, **{f: None for f in data})
-    assert math.isclose(config.norm_eps, 1e-5)
+

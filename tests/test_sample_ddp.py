@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from sampling.sampler import Sampler, SamplerConfig, sample_seeds, write_samples
-from tokenizer import TokenizerConfig, sha256_file
+from sampling.sampler import ModelFiles, Sampler, SamplerConfig, sample_seeds, write_samples
+from tokenizer import MGVQConfig, TokenizerRef
+from tokenizer.common.io import sha256_file
 
 N, SIZE = 12, 32  # 12 samples of the 8x8-code golden GPT, decoded at 64px and resized to 32
 SETTINGS = dict(cfg_scale=2.0, top_k=32, top_p=0.95, temperature=1.1, eval_size=SIZE, seed=7)
@@ -27,11 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sampler_config(golden) -> SamplerConfig:
+def model_files(golden) -> ModelFiles:
     tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
-    return SamplerConfig(gpt_ckpt=str(golden / "gpt_tiny.pt"), gpt_official=OFFICIAL,
-                         tokenizer=TokenizerConfig.from_dict({**tok, "checkpoint": str(golden / "tokenizer_tiny.pt")}),
-                         **SETTINGS)
+    return ModelFiles(gpt_ckpt=str(golden / "gpt_tiny.pt"), gpt_official=OFFICIAL,
+                      tokenizer=TokenizerRef(config=MGVQConfig.from_dict(tok), checkpoint=str(golden / "tokenizer_tiny.pt")))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +47,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def sampler(golden) -> Sampler:
-    return Sampler.from_config(sampler_config(golden))
+    return Sampler.from_files(model_files(golden), SamplerConfig(**SETTINGS))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_npz_layout_and_sidecar(sampler, reference, golden, tmp_path):
     side = json.loads((out / "samples.json").read_text())
     assert side["gpt_sha256"] == sha256_file(golden / "gpt_tiny.pt")
     assert side["tokenizer_sha256"] == sha256_file(golden / "tokenizer_tiny.pt")
-    assert {k: side[k] for k in SETTINGS} == SETTINGS
+    assert {k: side["sampler"][k] for k in SETTINGS} == SETTINGS
     assert side["num_samples"] == N and side["run"]["batch_size"] == 6 and side["gpt_config"]["grid_size"] == 8
     # another batch size gives the same bytes: batch composition does not reach the samples
     assert (out / "samples.npz").read_bytes() == reference
@@ -90,14 +90,14 @@ def test_resume_keeps_finished_pngs_and_refuses_other_settings(sampler, referenc
     kept = (png / "000001.png").stat().st_mtime_ns
     for i in (5, 6, 11):  # a kill loses these; the npz was not written yet
         (png / f"{i:06d}.png").unlink()
-    (png / "000005.png.tmp123").write_bytes(b"half a png")  # a write the kill interrupted
+    (png / ".000005.png.tmp123").write_bytes(b"half a png")  # a write the kill interrupted
     (tmp_path / "samples.npz").unlink()
     write_samples(sampler, N, tmp_path, batch_size=4)
     assert (png / "000001.png").stat().st_mtime_ns == kept  # finished batches are not redrawn
     assert not list(png.glob("*.tmp*"))
     assert (tmp_path / "samples.npz").read_bytes() == reference
 
-    other = Sampler(sampler.gpt, sampler.tokenizer, sampler_config(golden))
+    other = Sampler(sampler.gpt, sampler.tokenizer, SamplerConfig(**SETTINGS), sampler.files)
     other.config.cfg_scale = 3.0
     with pytest.raises(ValueError, match="cfg_scale"):
         write_samples(other, N, tmp_path, batch_size=4)
@@ -111,13 +111,13 @@ def test_cli_two_ranks_killed_then_resumed_equals_one_process(golden, repo, refe
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(repo / "scripts" / "sample_c2i_ddp.py"),
            f"gpt_ckpt={golden / 'gpt_tiny.pt'}", f"gpt_official={official}", "tokenizer=mgvq-f8c32-g4",
-           f"tokenizer.checkpoint={golden / 'tokenizer_tiny.pt'}", f"tokenizer.codebook_size={tok['codebook_size']}",
-           f"tokenizer.encoder.width_list={tok['encoder']['width_list']}",
-           f"tokenizer.encoder.depth_list={tok['encoder']['depth_list']}",
-           f"tokenizer.decoder.width_list={tok['decoder']['width_list']}",
-           f"tokenizer.decoder.depth_list={tok['decoder']['depth_list']}",
+           f"tokenizer.checkpoint={golden / 'tokenizer_tiny.pt'}", f"tokenizer.config.codebook_size={tok['codebook_size']}",
+           f"tokenizer.config.encoder.width_list={tok['encoder']['width_list']}",
+           f"tokenizer.config.encoder.depth_list={tok['encoder']['depth_list']}",
+           f"tokenizer.config.decoder.width_list={tok['decoder']['width_list']}",
+           f"tokenizer.config.decoder.depth_list={tok['decoder']['depth_list']}",
            f"out_dir={out}", f"num_samples={N}", "batch_size=2",
-           *(f"{k}={v}" for k, v in SETTINGS.items())]
+           *(f"sampler.{k}={v}" for k, v in SETTINGS.items())]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
     # First run: killed (the whole process group, as a scheduler would) once some PNGs exist.

@@ -171,12 +171,12 @@ def test_settings_are_checked_and_log2_top_k_is_mgvq_s():
         generate(model, labels, top_k=[1, 2])
     with pytest.raises(ValueError, match="temperature"):
         generate(model, labels, temperature=0.0)
-    with pytest.raises(ValueError, match="groups_to_use"):
-        generate(model, labels, groups_to_use=5)
+    with pytest.raises(ValueError, match="sampled_groups"):
+        generate(model, labels, sampled_groups=5)
     # MGVQ's --top-k 0 means k = 2**0 = 1: greedy
     greedy = generate(model, labels, top_k=1, seeds=torch.tensor([3]))
     assert torch.equal(generate(model, labels, top_k=0, top_k_log2=True, seeds=torch.tensor([9])), greedy)
-    # groups_to_use=2: the first two groups are sampled, the last two greedy
+    # sampled_groups=2: the first two groups are sampled, the last two greedy
     seeds = torch.tensor([5])
-    codes = generate(model, labels, seeds=seeds, groups_to_use=2)
+    codes = generate(model, labels, seeds=seeds, sampled_groups=2)
     assert torch.equal(codes, replay(model, labels, codes, seeds, top_k=[0, 0, 1, 1]))

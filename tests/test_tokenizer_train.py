@@ -13,14 +13,15 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
-from tokenizer import MGVQ, TokenizerConfig, load_tokenizer
+from tokenizer import MGVQ, MGVQConfig, TokenizerRef, load_tokenizer
+from tokenizer.common.runs import GlobalBatchSampler
 from tokenizer.losses import LPIPS, charbonnier, hinge_d_loss, hinge_g_loss, l2
 from tokenizer.quantizer import MultiGroupQuantizer
 from tokenizer.train import (
     CodebookConfig,
-    DataConfig,
+    ImageDataConfig,
+    ImageFolderImages,
     LossConfig,
-    StepBatches,
     TrainTokenizerConfig,
     build_tokenizer,
     code_counts,
@@ -40,20 +41,18 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """64 handwritten digits (16x16 RGB PNGs) as an ImageFolder."""
-    import importlib.util
+def digits(tmp_path_factory, repo) -> Path:
+    """64 handwritten digits (16x16 RGB PNGs) as an ImageFolder: the first 64 that scripts/make_digits.py exports."""
+    import subprocess
+    import sys
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_digits.py"
-    spec = importlib.util.spec_from_file_location("make_digits", script)
-    make_digits = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_digits)
-
-    root = tmp_path_factory.mktemp("digits")
-    images, labels = make_digits.digit_images(16)
-    for i in range(64):
-        (root / str(labels[i])).mkdir(exist_ok=True)
-        Image.fromarray(images[i]).convert("RGB").save(root / str(labels[i]) / f"{i:04d}.png")
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(repo / "scripts" / "make_digits.py"), "--out", str(out), "--size", "16"],
+                   check=True, capture_output=True, timeout=120)
+    root = tmp_path_factory.mktemp("digits64")
+    for path in sorted((out / "train").rglob("*.png"), key=lambda p: p.name)[:64]:  # names are load_digits indices
+        (root / path.parent.name).mkdir(exist_ok=True)
+        Image.open(path).save(root / path.parent.name / path.name)
     return root
 
 
@@ -61,8 +60,8 @@ def run_config(root: Path, out_dir: Path, **overrides) -> TrainTokenizerConfig:
     fields = dict(max_steps=30, global_batch_size=16, lr=3e-3, log_every=10, ckpt_every=1000, seed=3)
     fields.update(overrides)
     return TrainTokenizerConfig(
-        data=DataConfig(root=str(root), image_size=16, hflip=True, num_workers=0),
-        tokenizer=TokenizerConfig.from_dict(TINY),
+        data=ImageDataConfig(root=str(root), image_size=16, hflip=True, num_workers=0),
+        tokenizer=TokenizerRef(config=MGVQConfig.from_dict(TINY)),
         out_dir=str(out_dir),
         loss=fields.pop("loss", LossConfig(mask_probs=[0.0, 0.3])),
         codebook=fields.pop("codebook", CodebookConfig(reseed_every=5, usage_decay=0.9)),
@@ -132,7 +131,8 @@ def test_lpips_from_local_files(tmp_path):
 
 def test_nested_masking_drops_trailing_groups_with_the_configured_probabilities():
     probs = [0.0, 0.2, 0.5, 0.7]
-    tok = build_tokenizer(TokenizerConfig.from_dict({**TINY, "codebook_groups": 4}), LossConfig(mask_probs=probs))
+    tok = build_tokenizer(TokenizerRef(config=MGVQConfig.from_dict({**TINY, "codebook_groups": 4})),
+                          LossConfig(mask_probs=probs))
     q = tok.quantize
     z = torch.randn(1, 8, 2, 2)
     n, masked = 3000, torch.zeros(4)
@@ -202,15 +202,18 @@ def test_reseed_replaces_dead_codes_with_encoder_outputs():
     assert len({tuple(w[k].tolist()) for k in dead[1]}) == 3  # distinct pixels
 
 
-def test_step_batches_do_not_depend_on_the_number_of_processes():
-    one = StepBatches(50, 8, 0, 1, seed=1, hflip=True)
-    two = [StepBatches(50, 8, r, 2, seed=1, hflip=True) for r in range(2)]
-    for step in (0, 5, 6, 13):  # 6 steps per epoch: crosses epochs
-        assert one.batch(step) == two[0].batch(step) + two[1].batch(step)
-    epoch0 = [i for s in range(6) for i, _ in one.batch(s)]
-    assert len(set(epoch0)) == 48  # no image twice within an epoch
-    assert {f for s in range(6) for _, f in one.batch(s)} == {False, True}
-    assert not any(f for _, f in StepBatches(50, 8, 0, 1, seed=1, hflip=False).batch(0))
+def test_step_batches_do_not_depend_on_the_number_of_processes(digits):
+    def batches(rank: int, world: int, hflip: bool = True):
+        dataset = ImageFolderImages(str(digits), 16, seed=1, hflip=hflip)
+        return iter(GlobalBatchSampler(dataset.epoch_plan, len(dataset), 8, 1, rank, world))
+
+    one, two = batches(0, 1), [batches(r, 2) for r in range(2)]
+    steps = [next(one) for _ in range(16)]  # 8 steps per epoch: crosses epochs
+    assert steps == [next(two[0]) + next(two[1]) for _ in range(16)]
+    epoch0 = [i for s in steps[:8] for i, _ in s]
+    assert len(set(epoch0)) == 64  # no image twice within an epoch
+    assert {f for s in steps[:8] for _, f in s} == {0, 1}
+    assert not any(f for _, f in next(batches(0, 1, hflip=False)))
 
 
 # ---- training runs -----------------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ def test_training_lowers_the_loss_and_the_export_round_trips(digits, tmp_path):
     blob = torch.load(path, weights_only=True)
     assert set(blob) == {"model", "config"}
     loaded = load_tokenizer(path)
-    trained = MGVQ(TokenizerConfig.from_dict(TINY))
+    trained = MGVQ(MGVQConfig.from_dict(TINY))
     state = load_file(out / "checkpoints" / "step_0000030" / "model.safetensors")
     trained.load_state_dict({k.removeprefix("mgvq."): v for k, v in state.items()})
     trained.eval()
@@ -251,7 +254,8 @@ def test_resume_after_a_kill_equals_a_straight_run(digits, tmp_path):
     a, b = torch.load(straight, weights_only=True)["model"], torch.load(resumed, weights_only=True)["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    log_a, log_b = ([{k: v for k, v in r.items() if k != "images_per_s"} for r in read_log(tmp_path / d)]
+    timing = ("images_per_s", "steps_per_s")
+    log_a, log_b = ([{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / d)]
                     for d in "ab")
     assert [r["step"] for r in log_a] == [3, 6] and log_a == log_b
     assert "d_loss" in log_a[-1] and "g_adv" in log_a[-1]

@@ -1,12 +1,14 @@
-"""MGVQ tokenizer configuration: the dataclass schema, the official presets, and conversion to/from dicts.
+"""Tokenizer configuration: the MGVQ architecture dataclass, its presets, and `TokenizerRef` (which weights to load).
 
 Field names follow the official MGVQ `MGVQConfig` (encoder/decoder `width_list`, `depth_list`, `block_type`,
-`norm`, `act`), so the `config` dict of an official-style run maps onto it directly.
+`norm`, `act`), so the `config` dict of an official-style run maps onto it directly. The presets here are the
+only copy: the hydra `tokenizer` group is registered from `named_presets()` (scripts/_hydra.py).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 BLOCK_TYPES = ("ResBlock", "EViT_GLU")
 NORMS = ("bn2d", "trms2d")
@@ -68,6 +70,12 @@ PRESETS = {
     "mgvq-f8c32": _stages([128, 256, 512, 512], [0, 4, 8, 2], [0, 5, 10, 2]),
     "mgvq-f16c32": _stages([128, 256, 512, 512, 1024], [0, 4, 8, 2, 2], [0, 5, 10, 2, 2]),
     "mgvq-f32c32": _stages([128, 256, 512, 512, 1024, 1024], [0, 4, 8, 2, 2, 2], [0, 5, 10, 2, 2, 2]),
+    # The quickstart's: 16x16 digits -> 4x4 codes; three ResBlock stages, 4 groups x 32 codes.
+    "digits": {
+        "encoder": {"width_list": [32, 64, 128], "depth_list": [0, 2, 2], "block_type": "ResBlock"},
+        "decoder": {"width_list": [32, 64, 128], "depth_list": [0, 2, 2], "block_type": "ResBlock", "norm": "bn2d",
+                    "act": "relu"},
+    },
 }
 
 
@@ -119,6 +127,13 @@ class MGVQConfig:
                               **PRESETS[name], **fields})
 
     @classmethod
+    def named_presets(cls) -> dict[str, MGVQConfig]:
+        """Every preset under its hydra name: the released `mgvq-f{8,16,32}c32-g{4,8}` and the quickstart's `digits`."""
+        named = {f"{name}-g{g}": cls.preset(name, g) for name in PRESETS if name != "digits" for g in (4, 8)}
+        named["digits"] = cls.preset("digits", 4, codebook_size=128)
+        return named
+
+    @classmethod
     def from_dict(cls, d: dict):
         """Build from a plain dict of the fields (nested dicts for encoder/decoder); unknown keys are an error.
 
@@ -142,8 +157,34 @@ class MGVQConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class TokenizerConfig(MGVQConfig):
-    """The hydra `tokenizer` group: an architecture plus the weights file to load it from."""
+FAMILIES = ("mgvq",)
 
-    checkpoint: str | None = None
+
+@dataclass
+class TokenizerRef:
+    """Which tokenizer to load: a weights file, its family and its architecture (the hydra `tokenizer` group).
+
+    `config` None means the architecture the file stores (this project's tokenizer files carry it); official
+    checkpoints store none, so their preset gives it (`tokenizer=mgvq-f16c32-g4`).
+    """
+
+    config: Any = None  # the family's architecture: an MGVQConfig (or its dict) for family mgvq
+    checkpoint: str | None = None  # the weights file
+    family: str = "mgvq"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"tokenizer.family={self.family!r}: expected one of {list(FAMILIES)}")
+        if isinstance(self.config, dict):
+            self.config = MGVQConfig.from_dict(self.config)
+
+    def require_checkpoint(self, why: str) -> str:
+        if not self.checkpoint:
+            raise ValueError(f"tokenizer.checkpoint is required: {why}")
+        return self.checkpoint
+
+    def load(self, map_location="cpu"):
+        """The tokenizer in eval mode with gradients off (see tokenizer.loading.load_tokenizer)."""
+        from tokenizer.loading import load_tokenizer
+
+        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, map_location)

@@ -15,15 +15,15 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from tokenizer import TokenizerConfig, load_tokenizer, sha256_file
+from tokenizer.common.io import sha256_file
+from tokenizer.common.precision import autocast_dtype, check_precision
+from tokenizer.config import MGVQConfig, TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
 from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
-class DataConfig:
+class ExtractDataConfig:
     root: str  # an ImageFolder: one sub-directory per class
     image_size: int = 256
     views: str = "flip"  # plain | flip | tencrop | tencrop_flip (see tokenizer/data.py)
@@ -33,8 +33,8 @@ class DataConfig:
 
 @dataclass
 class ExtractConfig:
-    data: DataConfig
-    tokenizer: TokenizerConfig
+    data: ExtractDataConfig
+    tokenizer: TokenizerRef
     out_dir: str
     batch_size: int = 32  # images per step and process; the encoder sees batch_size * num_views crops
     num_workers: int = 4
@@ -45,15 +45,10 @@ class BadImageError(RuntimeError):
     """An image could not be read and data.skip_bad is false."""
 
 
-def tokenizer_dict(tokenizer: TokenizerConfig) -> dict:
-    d = tokenizer.to_dict()
-    d.pop("checkpoint", None)
-    return d
-
-
-def build_spec(cfg: ExtractConfig, files: list[str], labels: list[int], classes: list[str], precision: str) -> dict:
+def build_spec(cfg: ExtractConfig, tok: MGVQConfig, files: list[str], labels: list[int], classes: list[str],
+               precision: str) -> dict:
     """Everything that determines the store's bytes; a resumed or repeated run must match it exactly."""
-    tok, size = cfg.tokenizer, cfg.data.image_size
+    size = cfg.data.image_size
     if cfg.data.views not in NUM_VIEWS:
         raise ValueError(f"data.views={cfg.data.views!r}: expected one of {sorted(NUM_VIEWS)}")
     if size % tok.downsample:
@@ -61,16 +56,12 @@ def build_spec(cfg: ExtractConfig, files: list[str], labels: list[int], classes:
     if tok.codebook_size % tok.codebook_groups or tok.codebook_size // tok.codebook_groups > 2**16:
         raise ValueError(f"tokenizer.codebook_size={tok.codebook_size} must split into codebook_groups="
                          f"{tok.codebook_groups} groups of at most 65536 codes (uint16)")
-    if tok.checkpoint is None:
-        raise ValueError("tokenizer.checkpoint is required: the weights file the codes are made with")
-    if not Path(tok.checkpoint).is_file():
-        raise FileNotFoundError(f"tokenizer.checkpoint={tok.checkpoint} is not a file")
     tencrop = cfg.data.views.startswith("tencrop")
     return {
         "format_version": FORMAT_VERSION,
         "dtype": "uint16",
-        "tokenizer": tokenizer_dict(tok),
-        "tokenizer_sha256": sha256_file(tok.checkpoint),
+        "tokenizer": tok.to_dict(),
+        "tokenizer_sha256": sha256_file(cfg.tokenizer.checkpoint),
         "image_size": size,
         "views": cfg.data.views,
         "num_views": NUM_VIEWS[cfg.data.views],
@@ -90,12 +81,16 @@ def extract(cfg: ExtractConfig) -> dict:
     """Fill (or finish) the code store `cfg.out_dir`; returns its meta."""
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if cfg.precision not in AUTOCAST:
-        raise ValueError(f"precision={cfg.precision!r}: expected one of {sorted(AUTOCAST)}")
-    precision = cfg.precision if device.type == "cuda" else "fp32"
+    precision = check_precision(cfg.precision) if device.type == "cuda" else "fp32"
+    checkpoint = cfg.tokenizer.require_checkpoint("the weights file the codes are made with")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"tokenizer.checkpoint={checkpoint} is not a file")
+    # The architecture the ref names, else the file's own (loaded now); a mismatch is refused before loading.
+    model = None if cfg.tokenizer.config is not None else cfg.tokenizer.load()
+    arch = cfg.tokenizer.config if model is None else model.config
 
     files, labels, classes = list_images(cfg.data.root)
-    spec = build_spec(cfg, files, labels, classes, precision)
+    spec = build_spec(cfg, arch, files, labels, classes, precision)
     writer = StoreWriter(cfg.out_dir, spec)
     state = writer.check()  # every rank checks, so a refusal stops all of them alike
     if state == "complete":
@@ -113,8 +108,8 @@ def extract(cfg: ExtractConfig) -> dict:
     dataset = ImageViews(cfg.data.root, cfg.data.image_size, cfg.data.views, cfg.data.crop_range, files, labels)
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    model = load_tokenizer(cfg.tokenizer.checkpoint, cfg.tokenizer).to(device)
-    dtype = AUTOCAST[precision]
+    model = (model or cfg.tokenizer.load()).to(device)
+    dtype = autocast_dtype(precision)
     h, w = spec["grid"]
 
     # One bar on the main process for all ranks: it counts world_size images per image of its own slice.

@@ -1,27 +1,17 @@
 """Load and save tokenizer weights: the official MGVQ layout and this project's, strictly, without downloads."""
-import hashlib
 import os
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from tokenizer.common.io import atomic_path
+from tokenizer.common.settings import refuse_mismatch
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
 
 # Checkpoint entries that may hold the weights, in order of preference: EMA weights are what one samples with.
 WEIGHT_KEYS = ("ema", "model", "state_dict")
-
-
-def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 24, progress: bool = False) -> str:
-    """Hex sha256 of a file, streamed in chunks; `progress`: a bar for files over 256 MB (GPT-XXL is 6 GB)."""
-    h, size = hashlib.sha256(), os.path.getsize(path)
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}",
-                                      disable=not progress or size < 2**28, leave=False) as bar:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
+CODEBOOK_KEY = "quantize.embedding.weight"  # the raw code rows the GPT embeds (official and this project's layout)
 
 
 def _is_state_dict(obj) -> bool:
@@ -62,17 +52,6 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
         raise RuntimeError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
 
 
-def architecture(config: MGVQConfig) -> dict:
-    """The config's architecture fields, flattened to dotted keys (a TokenizerConfig's checkpoint left out)."""
-    flat = {}
-    for k, v in MGVQConfig.to_dict(config).items():
-        if isinstance(v, dict):
-            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        elif k != "checkpoint":
-            flat[k] = v
-    return flat
-
-
 def load_tokenizer(path: str | os.PathLike, config: MGVQConfig | None = None, map_location="cpu") -> MGVQ:
     """An MGVQ tokenizer from `path`, in eval mode with gradients off.
 
@@ -87,16 +66,15 @@ def load_tokenizer(path: str | os.PathLike, config: MGVQConfig | None = None, ma
     state_dict, which = pick_state_dict(ckpt, path)
     stored = ckpt.get("config") if isinstance(ckpt, dict) else None
     if stored is not None:
-        stored = MGVQConfig.from_dict({k: v for k, v in stored.items() if k != "checkpoint"})
+        stored = MGVQConfig.from_dict(stored)
     if config is None:
         if stored is None:
             raise ValueError(f"{path} stores no config: pass one, e.g. MGVQConfig.preset('mgvq-f16c32', groups=4)")
         config = stored
-    elif stored is not None and architecture(stored) != architecture(config):
+    elif stored is not None:
         # Keys and shapes would not catch e.g. a different activation: refuse any difference.
-        a, b = architecture(stored), architecture(config)
-        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-        raise ValueError(f"{path} was saved with a different tokenizer config (stored vs given): {diff}")
+        refuse_mismatch(stored.to_dict(), config.to_dict(), f"tokenizer file {path}",
+                        "its stored config differs from the one given (leave the config out to use the stored one)")
     with torch.device("meta"):
         model = MGVQ(config)
     check_state_dict(model, state_dict, f"{path} ({which!r} weights)")
@@ -108,9 +86,21 @@ def load_tokenizer(path: str | os.PathLike, config: MGVQConfig | None = None, ma
 
 def save_tokenizer(model: MGVQ, path: str | os.PathLike) -> None:
     """Write this project's tokenizer file `{"model": state_dict, "config": dict}` atomically."""
-    config = MGVQConfig.to_dict(model.config)
-    config.pop("checkpoint", None)  # a TokenizerConfig's weights path is not part of the architecture
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp)
+
+
+def read_codebook(path: str | os.PathLike) -> torch.Tensor:
+    """The raw codebook table (codebook_size, latent/G) of a tokenizer file, in float32, reading only that tensor
+    (memory-mapped where the file allows): what a GPT with codebook input embeds."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "config": config}, tmp)
-    os.replace(tmp, path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # an old (non-zip) torch file cannot be memory-mapped
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    weights, _ = pick_state_dict(blob, path)
+    if CODEBOOK_KEY not in weights:
+        raise KeyError(f"tokenizer checkpoint {path} has no {CODEBOOK_KEY!r}")
+    return weights[CODEBOOK_KEY].float().clone()

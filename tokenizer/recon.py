@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from tokenizer import TokenizerConfig, load_tokenizer
+from tokenizer.common.io import write_json_atomic
+from tokenizer.config import TokenizerRef
 from tokenizer.data import ImageViews
-from tokenizer.store import write_json_atomic
 
 
 def psnr_from_mse(mse: float) -> float:
@@ -73,7 +72,7 @@ class ReconDataConfig:
 @dataclass
 class ReconConfig:
     data: ReconDataConfig
-    tokenizer: TokenizerConfig
+    tokenizer: TokenizerRef
     out: str  # JSON file to write
     groups_to_use: int | None = None  # decode with the first groups only (MGVQ's coarse-to-fine); None = all
     batch_size: int = 32
@@ -88,8 +87,8 @@ def eval_recon(cfg: ReconConfig) -> dict:
     dataset = ImageViews(cfg.data.root, cfg.data.image_size, "plain")
     n = len(dataset) if cfg.data.max_images is None else min(cfg.data.max_images, len(dataset))
     loader = DataLoader(Subset(dataset, range(n)), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    model = load_tokenizer(cfg.tokenizer.checkpoint, cfg.tokenizer).to(device)
-    G, K = cfg.tokenizer.codebook_groups, cfg.tokenizer.codebook_size // cfg.tokenizer.codebook_groups
+    model = cfg.tokenizer.load().to(device)
+    G, K = model.config.codebook_groups, model.config.codes_per_group
 
     sq_err, ssim_sum, counts = 0.0, 0.0, torch.zeros(G, K, dtype=torch.int64)
     for _, x, _, errors in tqdm(loader, unit="batch", desc="eval_recon", dynamic_ncols=True):
@@ -116,7 +115,5 @@ def eval_recon(cfg: ReconConfig) -> dict:
         "codes_per_group": K,
         "tokenizer_checkpoint": str(cfg.tokenizer.checkpoint),
     }
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, result)
+    write_json_atomic(cfg.out, result)
     return result

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
+
+from tokenizer.common.io import read_json, write_json_atomic
+from tokenizer.common.settings import SettingsMismatchError, refuse_mismatch
 
 CODES, LABELS, META, SPEC, DONE = "codes.npy", "labels.npy", "meta.json", "spec.json", "done.npy"
 FORMAT_VERSION = 1
@@ -25,40 +26,8 @@ REQUIRED_META = ("tokenizer", "tokenizer_sha256", "image_size", "views", "num_vi
                  "grid", "num_images", "num_classes", "class_names", "files_fingerprint")
 
 
-class StoreMismatchError(ValueError):
-    """An existing store in out_dir was made with other settings than the ones asked for."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is unreadable: {e}") from e
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def spec_differences(have: dict, want: dict) -> list[str]:
-    """'key: X in the store, Y now' for every (nested) key whose value differs."""
-    a, b = _flatten(have), _flatten(want)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<missing>") != b.get(key, "<missing>"):
-            diffs.append(f"{key}: {a.get(key, '<missing>')!r} in the store, {b.get(key, '<missing>')!r} now")
-    return diffs
+# An existing store in out_dir was made with other settings than the ones asked for.
+StoreMismatchError = SettingsMismatchError
 
 
 class CodeStore:
@@ -115,13 +84,8 @@ class StoreWriter:
         for name, state in ((META, "complete"), (SPEC, "partial")):
             path = self.dir / name
             if path.is_file():
-                have = read_json(path)
-                have = {k: v for k, v in have.items() if k != "bad_files"}
-                diffs = spec_differences(have, self.spec)
-                if diffs:
-                    raise StoreMismatchError(
-                        f"{self.dir} already holds a code store made with other settings; use another out_dir or "
-                        f"delete it. Differences:\n  " + "\n  ".join(diffs))
+                have = {k: v for k, v in read_json(path).items() if k != "bad_files"}
+                refuse_mismatch(have, self.spec, f"the code store in {self.dir}", "use another out_dir or delete it")
                 return state
         return "new"
 

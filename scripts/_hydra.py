@@ -1,0 +1,37 @@
+"""The one hydra entry point of every script: compose conf/<name>.yaml onto a dataclass schema, run a function.
+
+The presets of the `tokenizer` and `model` groups are registered here from the library (tokenizer.config,
+gpt.config): they exist in Python only. Settings come from conf/<name>.yaml, overridden as key=value.
+"""
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from gpt.config import GPTConfig
+from tokenizer.config import MGVQConfig, TokenizerRef
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def register_presets() -> None:
+    store = ConfigStore.instance()
+    for name, arch in MGVQConfig.named_presets().items():
+        store.store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
+    for name, model in GPTConfig.named_presets().items():
+        store.store(group="model", name=name, node=model)
+
+
+def main(config_name: str, schema: type, fn, report=None) -> None:
+    """Run `fn(config)` on conf/<config_name>.yaml merged onto `schema` (unknown keys and wrong types fail here,
+    before any work) with the command line's overrides; `report(result)` prints what it returned."""
+    register_presets()
+
+    @hydra.main(version_base=None, config_path=str(CONF), config_name=config_name)
+    def entry(cfg: DictConfig) -> None:
+        result = fn(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg)))
+        if report is not None:
+            report(result)
+
+    entry()
