@@ -48,3 +48,33 @@ def hydra_presets() -> None:
         ConfigStore.instance().store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
     for name, model in GPTConfig.named_presets().items():
         ConfigStore.instance().store(group="model", name=name, node=model)
+
+
+def randomised(official_keys: dict, seed: int) -> dict:
+    """The weights of a golden fixture (tests/fixtures/README.md): keys sorted, one generator, float64 draws cast to
+    float32; >= 2-D ~ N(0, 1)/sqrt(numel of one row), 1-D '*weight' ~ 1 + 0.2 N, other floats ~ 0.2 N."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(official_keys):
+        shape, dtype = official_keys[key]
+        if dtype not in ("torch.float32", "torch.float16", "torch.bfloat16", "torch.float64"):
+            out[key] = torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[1]))
+            continue
+        n = torch.randn(shape, generator=g, dtype=torch.float64)
+        if len(shape) >= 2:
+            n = n / (torch.Size(shape[1:]).numel() ** 0.5)
+        else:
+            n = 1 + 0.2 * n if key.endswith("weight") else 0.2 * n
+        out[key] = n.float()
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return REPO / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def official_weights():
+    """randomised(official_keys, seed): rebuild a golden fixture's official state dict."""
+    return randomised
