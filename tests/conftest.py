@@ -50,7 +50,18 @@ def hydra_presets() -> None:
         ConfigStore.instance().store(group="model", name=name, node=model)
 
 
+_RANDOMISED: dict = {}
+
+
 def randomised(official_keys: dict, seed: int) -> dict:
+    """A fresh copy of `_randomised` (cached: the draws take seconds on a busy CPU)."""
+    key = (seed, tuple(official_keys))
+    if key not in _RANDOMISED:
+        _RANDOMISED[key] = _randomised(official_keys, seed)
+    return {k: v.clone() for k, v in _RANDOMISED[key].items()}
+
+
+def _randomised(official_keys: dict, seed: int) -> dict:
     """The weights of a golden fixture (tests/fixtures/README.md): keys sorted, one generator, float64 draws cast to
     float32; >= 2-D ~ N(0, 1)/sqrt(numel of one row), 1-D '*weight' ~ 1 + 0.2 N, other floats ~ 0.2 N."""
     g = torch.Generator().manual_seed(seed)

@@ -33,7 +33,12 @@ def load_official(path: str | Path) -> dict:
         raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist (nothing is downloaded: pass a local file)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: a reader that keeps only the tokenizer of a big file touches only that
+                blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                blob = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip torch.save format
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds Python objects beyond tensors, plain containers and argparse.Namespace "
                          f"({torch.serialization.get_unsafe_globals_in_checkpoint(path)}); it is not unpickled "
