@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.model import IMAGE_CHANNELS, CodeTokenizer
+
 QUANTIZERS = ("cosine", "dot")
-IMAGE_CHANNELS = 3
 
 
 @dataclass
@@ -274,7 +275,7 @@ class SingleQuantizer(nn.Module):
         return rows.permute(0, 3, 1, 2).contiguous()
 
 
-class VQGAN(nn.Module):
+class VQGAN(CodeTokenizer):
     """Images (B, 3, H, W) in [-1, 1] <-> codes (B, H/f, W/f, 1); the same public surface as tokenizer.MGVQ."""
 
     def __init__(self, config: VQGANConfig):
@@ -284,29 +285,6 @@ class VQGAN(nn.Module):
         self.quantize = SingleQuantizer(c.codebook_size, c.codebook_dim, c.quantizer)
         self.quant_conv = nn.Conv2d(c.z_channels, c.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.codebook_dim, c.z_channels, 1)
-
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> pre-quantization latent (B, codebook_dim, H/f, W/f)."""
-        f = self.downsample
-        if x.ndim != 4 or x.shape[1] != IMAGE_CHANNELS or x.shape[-1] % f or x.shape[-2] % f:
-            raise ValueError(f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(x.shape)}")
-        return self.quant_conv(self.encoder(x))
-
-    def decode(self, quant: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(quant))
-
-    @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantize.nearest(self.encode(x))
-
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
-        quant = self.quantize.lookup(codes.to(self.quant_conv.weight.device), groups_to_use)
-        return self.decode(quant.to(self.quant_conv.weight.dtype))
 
     def codebook(self) -> torch.Tensor:
         """(K, d) code rows as the decoder sees them (L2-normalised for `cosine`), for a GPT with codebook input.
