@@ -120,10 +120,10 @@ class GPTConfig:
                    head="ar", input_embedding="codebook")
 
     @classmethod
-    def single_codebook(cls, name: str, codebook_size: int, grid_size: int = 16, **overrides) -> GPTConfig:
+    def single_codebook(cls, preset: str, codebook_size: int, grid_size: int = 16, **overrides) -> GPTConfig:
         """A released LlamaGen c2i (gpt_b ... gpt_3b) or IBQ-AR (ibq_ar_b ... ibq_ar_xxl) GPT over one codebook:
         G = 1, a parallel (linear) head and a learned input embedding, 1000 classes."""
-        return cls.preset(name, **{"codebook_groups": 1, "codebook_size": codebook_size, "grid_size": grid_size,
+        return cls.preset(preset, **{"codebook_groups": 1, "codebook_size": codebook_size, "grid_size": grid_size,
                                    "num_classes": 1000, "head": "parallel", "input_embedding": "learned",
                                    "codebook_embed_dim": None, **overrides})
 

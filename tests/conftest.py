@@ -42,10 +42,10 @@ def hydra_presets() -> None:
     from hydra.core.config_store import ConfigStore
 
     from gpt.config import GPTConfig
-    from tokenizer.config import MGVQConfig, TokenizerRef
+    from tokenizer.families import named_refs
 
-    for name, arch in MGVQConfig.named_presets().items():
-        ConfigStore.instance().store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
+    for name, ref in named_refs().items():
+        ConfigStore.instance().store(group="tokenizer", name=name, node=ref)
     for name, model in GPTConfig.named_presets().items():
         ConfigStore.instance().store(group="model", name=name, node=model)
 

@@ -157,9 +157,6 @@ class MGVQConfig:
         return dataclasses.asdict(self)
 
 
-FAMILIES = ("mgvq",)
-
-
 @dataclass
 class TokenizerRef:
     """Which tokenizer to load: a weights file, its family and its architecture (the hydra `tokenizer` group).
@@ -168,15 +165,17 @@ class TokenizerRef:
     checkpoints store none, so their preset gives it (`tokenizer=mgvq-f16c32-g4`).
     """
 
-    config: Any = None  # the family's architecture: an MGVQConfig (or its dict) for family mgvq
+    config: Any = None  # the architecture (or its dict): MGVQConfig (mgvq), VQGANConfig (llamagen_vq, ibq)
     checkpoint: str | None = None  # the weights file
-    family: str = "mgvq"
+    family: str = "mgvq"  # a name in tokenizer.families.FAMILIES
+    weights: str = "auto"  # official files: auto (what the official AR sampler decodes with) | ema | raw
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"tokenizer.family={self.family!r}: expected one of {list(FAMILIES)}")
+        from tokenizer.families import get_family  # families imports this module
+
+        family = get_family(self.family)  # names the families on a typo
         if isinstance(self.config, dict):
-            self.config = MGVQConfig.from_dict(self.config)
+            self.config = family.config_cls.from_dict(self.config)
 
     def require_checkpoint(self, why: str) -> str:
         if not self.checkpoint:
@@ -187,4 +186,5 @@ class TokenizerRef:
         """The tokenizer in eval mode with gradients off (see tokenizer.loading.load_tokenizer)."""
         from tokenizer.loading import load_tokenizer
 
-        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, map_location)
+        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, map_location,
+                              family=self.family, weights=self.weights)

@@ -1,4 +1,4 @@
-"""Encode an ImageFolder into a code store with a frozen MGVQ tokenizer, on one or many processes.
+"""Encode an ImageFolder into a code store with a frozen tokenizer of any family, on one or many processes.
 
 Each process encodes a disjoint contiguous slice of the images not yet done and writes straight into the
 shared memory-mapped files (no gather, no per-image files). Rerunning the same command resumes; a rerun
@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from tokenizer.common.io import sha256_file
 from tokenizer.common.precision import autocast_dtype, check_precision
-from tokenizer.config import MGVQConfig, TokenizerRef
+from tokenizer.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
-from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter
+from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter, dtype_for
 
 
 @dataclass
@@ -45,7 +45,7 @@ class BadImageError(RuntimeError):
     """An image could not be read and data.skip_bad is false."""
 
 
-def build_spec(cfg: ExtractConfig, tok: MGVQConfig, files: list[str], labels: list[int], classes: list[str],
+def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], classes: list[str],
                precision: str) -> dict:
     """Everything that determines the store's bytes; a resumed or repeated run must match it exactly."""
     size = cfg.data.image_size
@@ -53,13 +53,13 @@ def build_spec(cfg: ExtractConfig, tok: MGVQConfig, files: list[str], labels: li
         raise ValueError(f"data.views={cfg.data.views!r}: expected one of {sorted(NUM_VIEWS)}")
     if size % tok.downsample:
         raise ValueError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
-    if tok.codebook_size % tok.codebook_groups or tok.codebook_size // tok.codebook_groups > 2**16:
-        raise ValueError(f"tokenizer.codebook_size={tok.codebook_size} must split into codebook_groups="
-                         f"{tok.codebook_groups} groups of at most 65536 codes (uint16)")
+    if tok.codes_per_group > 2**32:
+        raise ValueError(f"tokenizer: {tok.codes_per_group} codes per group do not fit uint32")
     tencrop = cfg.data.views.startswith("tencrop")
     return {
         "format_version": FORMAT_VERSION,
-        "dtype": "uint16",
+        "dtype": dtype_for(tok.codes_per_group),
+        "family": cfg.tokenizer.family,
         "tokenizer": tok.to_dict(),
         "tokenizer_sha256": sha256_file(cfg.tokenizer.checkpoint),
         "image_size": size,
@@ -68,7 +68,7 @@ def build_spec(cfg: ExtractConfig, tok: MGVQConfig, files: list[str], labels: li
         "crop_range": cfg.data.crop_range if tencrop else None,
         "precision": precision,
         "groups": tok.codebook_groups,
-        "codes_per_group": tok.codebook_size // tok.codebook_groups,
+        "codes_per_group": tok.codes_per_group,
         "grid": [size // tok.downsample, size // tok.downsample],
         "num_images": len(files),
         "num_classes": len(classes),
@@ -121,7 +121,7 @@ def extract(cfg: ExtractConfig) -> dict:
             codes = model.encode_codes(x.flatten(0, 1).to(device, non_blocking=True))  # (B * A, h, w, G)
         if codes.shape != (B * A, h, w, spec["groups"]):
             raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, spec['groups'])}")
-        codes = codes.view(B, A, h, w, -1).cpu().numpy().astype(np.uint16)
+        codes = codes.view(B, A, h, w, -1).cpu().numpy().astype(spec["dtype"])
         index, bad = index.numpy(), np.array([bool(e) for e in errors])
         if bad.any() and not cfg.data.skip_bad:
             writer.write(index[~bad], codes[~bad], bad[~bad])  # keep the readable images of this batch

@@ -11,6 +11,7 @@ from typing import Callable
 
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
+from tokenizer.vqgan import PRESETS as VQGAN_PRESETS
 from tokenizer.vqgan import VQGAN, VQGANConfig
 from tokenizer.vqgan_weights import read_ibq, read_llamagen
 
@@ -50,11 +51,20 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def family_of(model) -> str:
-    """The family name of a built tokenizer module."""
-    if isinstance(model, VQGAN):
-        return "llamagen_vq" if model.config.quantizer == "cosine" else "ibq"
+def family_of(config) -> str:
+    """The family name of an architecture config (or of a built tokenizer module, by its config)."""
+    config = getattr(config, "config", config)
+    if isinstance(config, VQGANConfig):
+        return "llamagen_vq" if config.quantizer == "cosine" else "ibq"
     for fam in FAMILIES.values():
-        if type(model) is fam.model_cls:
+        if type(config) is fam.config_cls:
             return fam.name
-    raise ValueError(f"{type(model).__name__} is not the module of any tokenizer family {sorted(FAMILIES)}")
+    raise ValueError(f"{type(config).__name__} is not the config of any tokenizer family {sorted(FAMILIES)}")
+
+
+def named_refs() -> dict:
+    """Every family's presets as hydra `tokenizer` group nodes: TokenizerRef(config=arch, family=...)."""
+    from tokenizer.config import TokenizerRef
+
+    archs = {**MGVQConfig.named_presets(), **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
+    return {name: TokenizerRef(config=arch, family=family_of(arch)) for name, arch in archs.items()}

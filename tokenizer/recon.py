@@ -114,6 +114,7 @@ def eval_recon(cfg: ReconConfig) -> dict:
         "codebook_perplexity": perplexity,  # per group: exp(entropy) of the code histogram, at most K
         "codes_per_group": K,
         "tokenizer_checkpoint": str(cfg.tokenizer.checkpoint),
+        "tokenizer_family": cfg.tokenizer.family,
     }
     write_json_atomic(cfg.out, result)
     return result

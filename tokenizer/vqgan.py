@@ -287,6 +287,6 @@ class VQGAN(CodeTokenizer):
         self.post_quant_conv = nn.Conv2d(c.codebook_dim, c.z_channels, 1)
 
     def codebook(self) -> torch.Tensor:
-        """(K, d) code rows as the decoder sees them (L2-normalised for `cosine`), for a GPT with codebook input.
-        The released LlamaGen and IBQ GPTs learn their own input embedding instead."""
-        return self.quantize.table().detach()
+        """Raw code rows (K, d) (`quantize.embedding.weight`, as tokenizer.read_codebook reads them), for a GPT
+        with codebook input. The released LlamaGen and IBQ GPTs learn their own input embedding instead."""
+        return self.quantize.embedding.weight.detach()
