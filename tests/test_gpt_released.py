@@ -110,3 +110,29 @@ def test_released_presets_build_the_published_sizes():
     n_b, n_ibq = (sum(p.numel() for p in m.parameters()) for m in (b, ibq_b))
     assert 110e6 < n_b < 112e6 and 340e6 < n_ibq < 345e6, (n_b, n_ibq)
     assert b.norm_ada_lin is None and ibq_b.layers[0].ada_lin is not None and not GPTConfig().class_adaln
+
+
+def test_sampler_loads_an_ibq_ar_file_with_its_own_tokenizer(tmp_path, ibq, official_weights, fixtures_dir):
+    """One IBQ-AR file gives both models: `gpt_official={preset: ...}` builds the GPT, the tokenizer is its
+    `first_stage_model.*`; the GPT's logits are the official ones and the tokenizer decodes."""
+    from sampling.sampler import ModelFiles, Sampler, SamplerConfig, load_models
+    from tokenizer import TokenizerRef, VQGANConfig
+
+    gpt_keys = {k[len("transformer."):]: v for k, v in ibq["official_keys"].items() if k.startswith("transformer.")}
+    tok_keys = {k: v for k, v in ibq["official_keys"].items() if k.startswith("first_stage_model.")}
+    sd = {**{f"transformer.{k}": v for k, v in official_weights(gpt_keys, ibq["seed"]).items()},
+          **official_weights(tok_keys, 3)}
+    torch.save({"state_dict": sd}, tmp_path / "AR_256_B.ckpt")
+    tok_cfg = torch.load(fixtures_dir / "ibq" / "tokenizer.pt", weights_only=True)["config"]
+    c = ibq["config"]
+    files = ModelFiles(gpt_ckpt=str(tmp_path / "AR_256_B.ckpt"),
+                       tokenizer=TokenizerRef(config=VQGANConfig(quantizer="dot", **tok_cfg),
+                                              checkpoint=str(tmp_path / "AR_256_B.ckpt"), family="ibq"),
+                       gpt_official={"preset": "tiny", "grid_size": 4, "dim": c["n_embd"], "n_layer": c["n_layer"],
+                                     "n_head": c["n_head"], "num_classes": c["class_num"],
+                                     "multiple_of": c["multiple_of"], "class_adaln": True})
+    gpt, tokenizer = load_models(files)
+    assert close(cached_logits(gpt, ibq["codes"][..., None], ibq["labels"]), ibq["cached_logits"]) < RTOL
+    sampler = Sampler(gpt, tokenizer, SamplerConfig(cfg_scale=2.25, temperature=1.1, seed=0), files)
+    images = sampler.sample(torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert images.shape == (2, 16, 16, 3)
