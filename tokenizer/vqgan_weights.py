@@ -117,7 +117,7 @@ def read_ibq(path: str | Path, weights: str = "auto") -> tuple[dict, str]:
         return {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}, "raw"
     ema = _ibq_ema(sd, path)
     # Unused EMA entries: the counters and the discriminator's (model_ema.loss*); any other one names a mismatch.
-    extra = [k for k in sd if k.startswith("model_ema.") and k not in IBQ_EMA_UNUSED
-             and not k.startswith("model_ema.loss") and k[len("model_ema."):] not in
-             {key.replace(".", "") for key in ema}]
+    used = {"model_ema." + key.replace(".", "") for key in ema}
+    extra = [k for k in sd if k.startswith("model_ema.") and k not in used and k not in IBQ_EMA_UNUSED
+             and not k.startswith("model_ema.loss")]
     return {**ema, **{f"model_ema.{k[len('model_ema.'):]}": sd[k] for k in extra}}, "ema"
