@@ -86,6 +86,12 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_fixture(fixtures_dir):
+    """load(family, name): a golden fixture file tests/fixtures/<family>/<name>.pt."""
+    return lambda family, name: torch.load(fixtures_dir / family / f"{name}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
 def official_weights():
     """randomised(official_keys, seed): rebuild a golden fixture's official state dict."""
     return randomised

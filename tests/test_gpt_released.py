@@ -36,13 +36,13 @@ def cached_logits(model: GPT, codes: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 @pytest.fixture(scope="module")
-def llamagen(fixtures_dir):
-    return torch.load(fixtures_dir / "llamagen_vq" / "gpt.pt", weights_only=True)
+def llamagen(golden_fixture):
+    return golden_fixture("llamagen_vq", "gpt")
 
 
 @pytest.fixture(scope="module")
-def ibq(fixtures_dir):
-    return torch.load(fixtures_dir / "ibq" / "gpt.pt", weights_only=True)
+def ibq(golden_fixture):
+    return golden_fixture("ibq", "gpt")
 
 
 def test_llamagen_c2i_file_matches_official(tmp_path, llamagen, official_weights):
@@ -112,7 +112,7 @@ def test_released_presets_build_the_published_sizes():
     assert b.norm_ada_lin is None and ibq_b.layers[0].ada_lin is not None and not GPTConfig().class_adaln
 
 
-def test_sampler_loads_an_ibq_ar_file_with_its_own_tokenizer(tmp_path, ibq, official_weights, fixtures_dir):
+def test_sampler_loads_an_ibq_ar_file_with_its_own_tokenizer(tmp_path, ibq, official_weights, golden_fixture):
     """One IBQ-AR file gives both models: `gpt_official={preset: ...}` builds the GPT, the tokenizer is its
     `first_stage_model.*`; the GPT's logits are the official ones and the tokenizer decodes."""
     from sampling.sampler import ModelFiles, Sampler, SamplerConfig, load_models
@@ -123,7 +123,7 @@ def test_sampler_loads_an_ibq_ar_file_with_its_own_tokenizer(tmp_path, ibq, offi
     sd = {**{f"transformer.{k}": v for k, v in official_weights(gpt_keys, ibq["seed"]).items()},
           **official_weights(tok_keys, 3)}
     torch.save({"state_dict": sd}, tmp_path / "AR_256_B.ckpt")
-    tok_cfg = torch.load(fixtures_dir / "ibq" / "tokenizer.pt", weights_only=True)["config"]
+    tok_cfg = golden_fixture("ibq", "tokenizer")["config"]
     c = ibq["config"]
     files = ModelFiles(gpt_ckpt=str(tmp_path / "AR_256_B.ckpt"),
                        tokenizer=TokenizerRef(config=VQGANConfig(quantizer="dot", **tok_cfg),

@@ -29,13 +29,13 @@ def build(fixture: dict, quantizer: str, sd: dict) -> VQGAN:
 
 
 @pytest.fixture(scope="module")
-def llamagen(fixtures_dir):
-    return torch.load(fixtures_dir / "llamagen_vq" / "tokenizer.pt", weights_only=True)
+def llamagen(golden_fixture):
+    return golden_fixture("llamagen_vq", "tokenizer")
 
 
 @pytest.fixture(scope="module")
-def ibq(fixtures_dir):
-    return torch.load(fixtures_dir / "ibq" / "tokenizer.pt", weights_only=True)
+def ibq(golden_fixture):
+    return golden_fixture("ibq", "tokenizer")
 
 
 def test_llamagen_vq_matches_official(llamagen, official_weights):

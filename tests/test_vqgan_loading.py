@@ -13,15 +13,15 @@ class NotAllowed:
 
 
 @pytest.fixture(scope="module")
-def llamagen(fixtures_dir):
-    fx = torch.load(fixtures_dir / "llamagen_vq" / "tokenizer.pt", weights_only=True)
+def llamagen(golden_fixture):
+    fx = golden_fixture("llamagen_vq", "tokenizer")
     fx["vq_config"] = VQGANConfig(quantizer="cosine", attn_levels=[2], **fx["config"])
     return fx
 
 
 @pytest.fixture(scope="module")
-def ibq(fixtures_dir):
-    fx = torch.load(fixtures_dir / "ibq" / "tokenizer.pt", weights_only=True)
+def ibq(golden_fixture):
+    fx = golden_fixture("ibq", "tokenizer")
     fx["vq_config"] = VQGANConfig(quantizer="dot", **fx["config"])
     return fx
 
@@ -88,8 +88,8 @@ def test_ibq_lightning_file_ema_by_default(tmp_path, ibq, official_weights, weig
     assert ((pixels - want["pixels"]).abs().max() / want["pixels"].abs().max()) < 1e-4
 
 
-def test_ibq_ar_checkpoint_carries_its_tokenizer(tmp_path, ibq, official_weights, fixtures_dir):
-    ar_keys = torch.load(fixtures_dir / "ibq" / "gpt.pt", weights_only=True)["official_keys"]
+def test_ibq_ar_checkpoint_carries_its_tokenizer(tmp_path, ibq, official_weights, golden_fixture):
+    ar_keys = golden_fixture("ibq", "gpt")["official_keys"]
     tok = {k[len("first_stage_model."):]: v for k, v in ar_keys.items() if k.startswith("first_stage_model.")}
     sd = {f"first_stage_model.{k}": v for k, v in official_weights(tok, 5).items()}
     sd["transformer.head.weight"] = torch.zeros(64, 64)
