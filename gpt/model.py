@@ -238,7 +238,7 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = c = config
-        G, K = c.codebook_groups, c.codebook_size
+        G, K = c.codebook_groups, c.group_sizes[0]
         self.cls_embedding = LabelEmbedding(c.num_classes, c.dim, c.class_dropout_prob)
         if c.input_embedding == "codebook":
             # The frozen tokenizer codebook, saved with the model so a model file is self-contained.
@@ -255,15 +255,21 @@ class GPT(nn.Module):
         else:
             # One table per group, summed: the same as G nn.Embedding(K, dim) and as a linear map of the G one-hot
             # codes concatenated, without a projection to learn or run.
-            self.tok_embeddings = nn.Embedding(G * K, c.dim)
+            # Groups of different sizes (factorized head): the tables of all groups stacked, offsets by cumsum.
+            self.tok_embeddings = nn.Embedding(sum(c.group_sizes), c.dim)
         self.tok_dropout = nn.Dropout(c.token_dropout_p)
         drop_paths = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
         self.layers = nn.ModuleList(
             Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, c.resid_dropout_p),
                   FeedForward(c.dim, c.ffn_hidden, c.ffn_dropout_p), c.norm_eps, p)
             for p in drop_paths)
-        self.norm = RMSNorm(c.dim, c.norm_eps)
-        if c.head == "ar":
+        # The factorized head normalises its own outputs; the trunk then has no final norm (as Open-MAGVIT2).
+        self.norm = nn.Identity() if c.head == "factorized" else RMSNorm(c.dim, c.norm_eps)
+        if c.head == "factorized":
+            from gpt.factorized import FactorizedHead  # it builds on this module's blocks
+
+            self.head = FactorizedHead(c)
+        elif c.head == "ar":
             self.head = ARHead(c.dim, G, K, c.ar_head_layers, c.norm_eps)
         else:
             self.head = ParallelHead(c.dim, G, K)
@@ -273,10 +279,12 @@ class GPT(nn.Module):
     def init_buffers(self) -> None:
         """(Re)build the non-persistent buffers (RoPE table, group offsets), e.g. in a model built on meta."""
         c = self.config
-        device = self.norm.weight.device
+        device = self.cls_embedding.embedding_table.weight.device
         self.register_buffer("freqs_cis", rope_2d(c.grid_size, c.head_dim, c.rope_base).to(device), persistent=False)
-        self.register_buffer("code_offsets", torch.arange(c.codebook_groups, device=device) * c.codebook_size,
-                             persistent=False)
+        offsets = torch.tensor([0, *c.group_sizes[:-1]], device=device).cumsum(0)
+        self.register_buffer("code_offsets", offsets, persistent=False)
+        if hasattr(self.head, "init_buffers"):
+            self.head.init_buffers()
 
     def init_weights(self) -> None:
         """LlamaGen's init: N(0, initializer_range) linears and embeddings, zero parallel heads (uniform start)."""
@@ -286,6 +294,9 @@ class GPT(nn.Module):
                 nn.init.normal_(m.weight, std=std)
         if isinstance(self.head, ParallelHead):
             nn.init.zeros_(self.head.proj.weight)
+        elif self.config.head == "factorized":
+            for head in self.head.heads:
+                nn.init.zeros_(head.weight)
         else:
             nn.init.zeros_(self.head.pos_emb)
             nn.init.normal_(self.head.sos, std=0.02)
@@ -312,16 +323,21 @@ class GPT(nn.Module):
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, G, V) in float32 of codes (B, L, G) int64 given labels (B,)."""
-        return self.head(self.trunk(codes, labels), codes).float()
+        h = self.trunk(codes, labels)
+        if self.config.head == "factorized":  # its inputs are the trunk's embeddings of sub-tokens 0..G-2
+            offsets = self.code_offsets[:-1]
+            return self.head(h, self.tok_embeddings(codes[..., :-1] + offsets)).float()
+        return self.head(h, codes).float()
 
     # Cached generation: the caller owns the loop and the sampling policy.
 
     def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
         c = self.config
-        dtype = dtype or self.norm.weight.dtype
+        weight = self.cls_embedding.embedding_table.weight
+        dtype = dtype or weight.dtype
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype,
-                                               self.norm.weight.device)
+                                               weight.device)
         self.head.setup_cache(max_batch_size, dtype)
 
     def clear_cache(self) -> None:
@@ -350,4 +366,7 @@ class GPT(nn.Module):
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits (B, V) of sub-token g at the current position. The ar head needs, for g > 0, the
         sub-token g-1 the caller sampled (B,); the parallel head ignores it."""
+        if self.config.head == "factorized":
+            prev = None if g == 0 else self.tok_embeddings(prev_sub + self.code_offsets[g - 1])
+            return self.head.sub_logits(h, g, prev)
         return self.head.sub_logits(h, g, prev_sub)

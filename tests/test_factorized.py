@@ -1,0 +1,73 @@
+"""The factorized sub-token head against the official Open-MAGVIT2 AR model (tests/fixtures/open_magvit2)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig, load_gpt
+
+FIXTURES = Path(__file__).parent / "fixtures" / "open_magvit2"
+OFFICIAL_ARGS = {"vocab_size": 32, "block_size": 16, "spatial_n_layer": 2, "factorized_n_layer": 2, "n_head": 2,
+                 "dim": 32, "cond_dim": 32, "token_drop": 0.0, "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0,
+                 "class_num": 10, "token_factorization": True, "multiple_of": 8, "factorized_bits": [2, 3],
+                 "factorized_k": 2}
+
+
+def close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def io():
+    return torch.load(FIXTURES / "ar_io.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_gpt(FIXTURES / "ar_weights.pt", GPTConfig.from_open_magvit2(OFFICIAL_ARGS))
+
+
+def test_config_from_official_args():
+    c = GPTConfig.from_open_magvit2(OFFICIAL_ARGS)
+    assert (c.head, c.input_embedding, c.group_sizes, c.grid_size, c.ar_head_layers) == \
+        ("factorized", "learned", [4, 8], 4, 2)
+    xl = GPTConfig.from_open_magvit2({"spatial_n_layer": 48, "factorized_n_layer": 4, "factorized_bits": [6, 12],
+                                      "n_head": 24, "dim": 1536, "block_size": 256, "vocab_size": 512})
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT(xl).parameters())
+    assert round(n / 1e8) == 15  # the released AR-XL: 1.5B
+    with pytest.raises(ValueError, match="unknown Open-MAGVIT2 GPT arguments"):
+        GPTConfig.from_open_magvit2({"n_layer": 2})
+
+
+def test_teacher_forced_logits_match_official(io, model):
+    codes = torch.stack([io["pre"], io["post"]], -1)  # (B, L, 2)
+    logits = model(codes, io["labels"])
+    assert logits.shape == (2, 16, 2, 8)
+    close(logits[:, :, 0, :4], io["logits"][0])
+    close(logits[:, :, 1], io["logits"][1])
+    assert torch.isneginf(logits[:, :, 0, 4:]).all()  # group 0 has 4 codes, padded to the widest group
+    # A sub-token changed at position t leaves every earlier logit unchanged.
+    changed = codes.clone()
+    changed[:, 9, 0] = (changed[:, 9, 0] + 1) % 4
+    torch.testing.assert_close(model(changed, io["labels"])[:, :10, 0], logits[:, :10, 0])
+    torch.testing.assert_close(model(changed, io["labels"])[:, :9], logits[:, :9])
+
+
+def test_cached_logits_match_official(io, model):
+    codes = torch.stack([io["pre"], io["post"]], -1)
+    model.setup_cache(2)
+    try:
+        h = model.prefill(io["labels"])
+        steps = [[], []]
+        for t in range(16):
+            if t > 0:
+                h = model.decode_step(codes[:, t - 1], t)
+            steps[0].append(model.sub_logits(h, 0))
+            steps[1].append(model.sub_logits(h, 1, codes[:, t, 0]))
+    finally:
+        model.clear_cache()
+    for g in range(2):
+        got = torch.stack(steps[g], 1)
+        close(got, io["cached_logits"][g])
+        close(got, io["logits"][g])
