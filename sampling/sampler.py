@@ -41,7 +41,7 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: no wall-clock time in the file
 class SamplerConfig:
     """How a sampler samples (conf/sampler/default.yaml). Every field is recorded in the sample file's sidecar."""
 
-    cfg_scale: float = 2.0
+    cfg_scale: Any = 2.0  # a number or one per group (Open-MAGVIT2 XL: [1.75, 1.85])
     cfg_interval: float = -1  # LlamaGen's: guidance off at positions t > cfg_interval + 1; -1 never
     cfg_schedule: str = "constant"  # constant | linear (ramp from 1 at the first position to cfg_scale at the last)
     temperature: Any = 1.0  # a number or one per group
