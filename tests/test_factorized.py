@@ -87,3 +87,18 @@ def test_greedy_cfg_per_group_matches_official_and_teacher_forcing(io, model):
         assert torch.equal(mixed.argmax(-1), codes[..., g])
     assert not torch.equal(generate(model, io["labels"], cfg_scale=[1.5, 1.0], top_k=1, seeds=torch.arange(2)),
                            codes)
+
+
+def test_training_step_through_padded_logits():
+    from gpt.train import cross_entropy_per_group
+
+    config = GPTConfig.from_open_magvit2({**OFFICIAL_ARGS, "token_drop": 0.1, "ffn_dropout_p": 0.1})
+    model = GPT(config).train()
+    codes = torch.stack([torch.randint(0, 4, (3, 16)), torch.randint(0, 8, (3, 16))], -1)
+    loss, group_loss = cross_entropy_per_group(model(codes, torch.tensor([0, 1, 2])), codes)
+    # zero-initialised heads: uniform over each group's own codes, not over the padded width
+    torch.testing.assert_close(group_loss, torch.tensor([4.0, 8.0]).log())
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["head.heads.0.weight"].abs().sum() > 0 and grads["head.heads.1.weight"].abs().sum() > 0
