@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IMAGE_CHANNELS = 3
+from tokenizer.model import IMAGE_CHANNELS, check_images
+
 NORM_GROUPS = 32
 EPS = 1e-6
 
@@ -232,9 +233,7 @@ class OpenMagvit2(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> pre-quantization latent (B, Z, H/f, W/f)."""
-        f = self.downsample
-        if x.ndim != 4 or x.shape[1] != IMAGE_CHANNELS or x.shape[-1] % f or x.shape[-2] % f:
-            raise ValueError(f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(x.shape)}")
+        check_images(x, self.downsample)
         return self.encoder(x)
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
