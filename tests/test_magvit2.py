@@ -105,3 +105,9 @@ def test_presets_match_the_released_configs():
     assert FAMILIES["open_magvit2"].model_cls is OpenMagvit2
     with pytest.raises(ValueError, match="sum to z_channels=18"):
         Magvit2Config.preset("open-magvit2-f16", factorized_bits=[6, 6])
+
+
+def test_checkpoint_with_python_objects_is_refused_clearly(tmp_path):
+    torch.save({"state_dict": {}, "hyper_parameters": Magvit2Config()}, tmp_path / "obj.ckpt")
+    with pytest.raises(ValueError, match="re-save"):
+        load_tokenizer(tmp_path / "obj.ckpt", TINY, family="open_magvit2")
