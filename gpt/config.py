@@ -202,9 +202,9 @@ class GPTConfig:
         if len(sizes) != self.codebook_groups or min(sizes) < 1:
             problems.append(f"codebook_size={self.codebook_size} must be positive, one int or one per group "
                             f"(codebook_groups={self.codebook_groups})")
-        elif len(set(sizes)) > 1 and (self.head != "factorized" or self.input_embedding != "learned"):
-            problems.append(f"codebook_size={self.codebook_size}: groups of different sizes need head=factorized "
-                            f"and input_embedding=learned")
+        elif len(set(sizes)) > 1 and self.input_embedding != "learned":
+            problems.append(f"codebook_size={self.codebook_size}: groups of different sizes need "
+                            f"input_embedding=learned (codebook input stacks G equal tables)")
         if self.head == "factorized" and self.input_embedding != "learned":
             problems.append("head=factorized embeds sub-tokens with the trunk's table: it needs input_embedding=learned")
         if self.head == "ar" and self.dim % self.codebook_groups:

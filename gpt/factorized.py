@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from gpt.config import GPTConfig
-from gpt.model import Attention, Block, FeedForward, KVCache, RMSNorm, rope_2d
+from gpt.model import Attention, Block, FeedForward, KVCache, RMSNorm, pad_groups, rope_2d
 
 
 class FactorizedHead(nn.Module):
@@ -45,10 +45,7 @@ class FactorizedHead(nn.Module):
         for layer in self.layers:
             x = layer(x, self.freqs_cis)
         x = x.view(B, L, len(self.sizes), D)
-        out = x.new_full((B, L, len(self.sizes), max(self.sizes)), float("-inf"))
-        for g, n in enumerate(self.sizes):
-            out[:, :, g, :n] = self.logits(x[:, :, g], g)
-        return out
+        return pad_groups([self.logits(x[:, :, g], g) for g in range(len(self.sizes))])
 
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
         for layer in self.layers:

@@ -164,16 +164,26 @@ class LabelEmbedding(nn.Module):
         return self.embedding_table(labels)[:, None]  # (B, 1, dim)
 
 
-class ParallelHead(nn.Module):
-    """G independent linear heads (one matmul) on the trunk's hidden state."""
+def pad_groups(logits: list[torch.Tensor]) -> torch.Tensor:
+    """G tensors (..., V_g) -> (..., G, max V_g), a smaller group's missing codes -inf (softmax 0, never drawn)."""
+    V = max(x.shape[-1] for x in logits)
+    return torch.stack([F.pad(x, (0, V - x.shape[-1]), value=float("-inf")) for x in logits], dim=-2)
 
-    def __init__(self, dim: int, groups: int, codes: int):
+
+class ParallelHead(nn.Module):
+    """G independent linear heads (one matmul) on the trunk's hidden state; group g has sizes[g] codes."""
+
+    def __init__(self, dim: int, sizes: list[int]):
         super().__init__()
-        self.groups, self.codes = groups, codes
-        self.proj = nn.Linear(dim, groups * codes, bias=False)
+        self.sizes = list(sizes)
+        self.bounds = torch.tensor([0, *self.sizes]).cumsum(0).tolist()  # group g: rows bounds[g]:bounds[g+1]
+        self.proj = nn.Linear(dim, sum(self.sizes), bias=False)
 
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return self.proj(h).unflatten(-1, (self.groups, self.codes))  # (B, L, G, V)
+        out = self.proj(h)
+        if len(set(self.sizes)) == 1:
+            return out.unflatten(-1, (len(self.sizes), self.sizes[0]))  # (B, L, G, V)
+        return pad_groups(list(out.split(self.sizes, dim=-1)))
 
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
         pass
@@ -182,19 +192,23 @@ class ParallelHead(nn.Module):
         pass
 
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(h, self.proj.weight[g * self.codes:(g + 1) * self.codes]).float()  # (B, V)
+        return F.linear(h, self.proj.weight[self.bounds[g]:self.bounds[g + 1]]).float()  # (B, V_g)
 
 
 class ARHead(nn.Module):
     """MGVQ's AR head: a small causal transformer over [h_t, sos, emb(sub_0), ..., emb(sub_{G-2})].
 
     Its output at index g+1 predicts sub-token g of position t. It has G attention heads with per-head q/k
-    RMSNorm, SwiGLU of hidden 4*dim, no RoPE but a learned position table of G+1 rows.
+    RMSNorm, SwiGLU of hidden 4*dim, no RoPE but a learned position table of G+1 rows. Groups of different
+    sizes share the input table and the output layer, as wide as the largest group; a group's logits stop at
+    its own size (-inf beyond in the teacher-forced output).
     """
 
-    def __init__(self, dim: int, groups: int, codes: int, n_layer: int, norm_eps: float):
+    def __init__(self, dim: int, sizes: list[int], n_layer: int, norm_eps: float):
         super().__init__()
-        self.groups, self.codes = groups, codes
+        self.sizes = list(sizes)
+        self.groups, self.codes = len(self.sizes), max(self.sizes)
+        groups, codes = self.groups, self.codes
         self.tok_emb = nn.Embedding(codes, dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, groups + 1, dim))
         self.sos = nn.Parameter(torch.zeros(1, 1, dim))
@@ -212,6 +226,9 @@ class ARHead(nn.Module):
         for layer in self.layers:
             x = layer(x)
         logits = self.head(self.ln_f(x[:, 1:]))  # (B*L, G, V): index 0 (h_t itself) predicts nothing
+        if len(set(self.sizes)) > 1:
+            beyond = torch.arange(self.codes, device=h.device) >= torch.tensor(self.sizes, device=h.device)[:, None]
+            logits = logits.masked_fill(beyond, float("-inf"))  # (G, V) mask: codes past each group's size
         return logits.view(B, L, self.groups, self.codes)
 
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
@@ -230,7 +247,7 @@ class ARHead(nn.Module):
             x = (self.tok_emb(prev_sub) + self.pos_emb[0, g + 1])[:, None]  # (B, 1, D)
         for layer in self.layers:
             x = layer(x, None, 0 if g == 0 else g + 1)
-        return self.head(self.ln_f(x[:, -1])).float()  # (B, V)
+        return self.head(self.ln_f(x[:, -1]))[:, :self.sizes[g]].float()  # (B, V_g)
 
 
 class GPT(nn.Module):
@@ -270,9 +287,9 @@ class GPT(nn.Module):
 
             self.head = FactorizedHead(c)
         elif c.head == "ar":
-            self.head = ARHead(c.dim, G, K, c.ar_head_layers, c.norm_eps)
+            self.head = ARHead(c.dim, c.group_sizes, c.ar_head_layers, c.norm_eps)
         else:
-            self.head = ParallelHead(c.dim, G, K)
+            self.head = ParallelHead(c.dim, c.group_sizes)
         self.init_buffers()
         self.init_weights()
 

@@ -102,3 +102,59 @@ def test_training_step_through_padded_logits():
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert grads["head.heads.0.weight"].abs().sum() > 0 and grads["head.heads.1.weight"].abs().sum() > 0
+
+
+SIZES = [4, 16, 8]
+
+
+def unequal_model(head: str) -> GPT:
+    """Three groups of 4, 16 and 8 codes, every weight random."""
+    config = GPTConfig.preset("tiny", dim=48, n_head=4, num_classes=5, codebook_groups=3, codebook_size=SIZES,
+                              grid_size=4, input_embedding="learned", head=head, class_dropout_prob=0.0,
+                              token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def unequal_codes(batch: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    return torch.stack([torch.randint(n, (batch, 16), generator=gen) for n in SIZES], -1)
+
+
+@pytest.mark.parametrize("head", ["parallel", "ar", "factorized"])
+def test_per_group_vocabularies_cached_equals_forward(head):
+    model = unequal_model(head)
+    codes, labels = unequal_codes(), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        full = model(codes, labels)  # (B, L, G, 16)
+        assert full.shape == (3, 16, 3, 16)
+        for g, n in enumerate(SIZES):
+            assert torch.isneginf(full[:, :, g, n:]).all() and torch.isfinite(full[:, :, g, :n]).all()
+        model.setup_cache(3)
+        h = model.prefill(labels)
+        for t in range(16):
+            if t > 0:
+                h = model.decode_step(codes[:, t - 1], t)
+            for g, n in enumerate(SIZES):
+                got = model.sub_logits(h, g, codes[:, t, g - 1] if g > 0 else None)
+                assert got.shape == (3, n)
+                torch.testing.assert_close(got, full[:, t, g, :n], rtol=0, atol=1e-5)
+        model.clear_cache()
+
+
+@pytest.mark.parametrize("head", ["parallel", "ar", "factorized"])
+def test_per_group_greedy_cfg_equals_teacher_forced_argmax(head):
+    from sampling.generate import generate
+
+    model = unequal_model(head)
+    labels, scales = torch.tensor([1, 3]), [1.5, 3.0, 2.0]
+    with torch.no_grad():
+        codes = generate(model, labels, cfg_scale=scales, top_k=1, seeds=torch.arange(2))
+        cond, uncond = model(codes, labels), model(codes, torch.full_like(labels, 5))
+    for g, (s, n) in enumerate(zip(scales, SIZES)):
+        assert codes[..., g].max() < n
+        mixed = uncond[:, :, g, :n] + s * (cond[:, :, g, :n] - uncond[:, :, g, :n])
+        assert torch.equal(mixed.argmax(-1), codes[..., g])
