@@ -63,9 +63,10 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     if h != w:
         raise ValueError(f"{dataset.codes_dir}: the GPT needs a square code grid, the store holds {h}x{w}")
     meta = dataset.meta
+    per_group = meta["codes_per_group"]  # an int, or one per group (Open-MAGVIT2: [64, 4096])
     from_store = {
         "codebook_groups": dataset.groups,
-        "codebook_size": int(meta["codes_per_group"]),
+        "codebook_size": [int(k) for k in per_group] if isinstance(per_group, list) else int(per_group),
         "grid_size": h,
         "codebook_embed_dim": codebook_dim,
     }
