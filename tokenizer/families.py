@@ -37,6 +37,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def group_sizes(config) -> list[int]:
+    """Codes per group of a tokenizer config, one entry per group."""
+    per_group = config.codes_per_group
+    return list(per_group) if isinstance(per_group, (list, tuple)) else [per_group] * config.codebook_groups
+
+
 def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "mgvq", weights: str = "auto",
                    map_location="cpu") -> torch.nn.Module:
     """A tokenizer of `family` from `path` in eval mode with gradients off; keys and shapes must match exactly.

@@ -74,6 +74,11 @@ class Magvit2Config:
         return cls(**{**PRESETS[name], **fields})
 
     @classmethod
+    def named_presets(cls) -> dict[str, Magvit2Config]:
+        """The released ImageNet tokenizers under their hydra names, factorized as the released AR models read them."""
+        return {name: cls.preset(name) for name in PRESETS}
+
+    @classmethod
     def from_dict(cls, d: dict) -> Magvit2Config:
         names = {f.name for f in dataclasses.fields(cls)}
         if set(d) - names:
