@@ -31,11 +31,14 @@ def test_config_from_official_args():
     c = GPTConfig.from_open_magvit2(OFFICIAL_ARGS)
     assert (c.head, c.input_embedding, c.group_sizes, c.grid_size, c.ar_head_layers) == \
         ("factorized", "learned", [4, 8], 4, 2)
-    xl = GPTConfig.from_open_magvit2({"spatial_n_layer": 48, "factorized_n_layer": 4, "factorized_bits": [6, 12],
-                                      "n_head": 24, "dim": 1536, "block_size": 256, "vocab_size": 512})
-    with torch.device("meta"):
-        n = sum(p.numel() for p in GPT(xl).parameters())
-    assert round(n / 1e8) == 15  # the released AR-XL: 1.5B
+    # The released AR-B / L / XL (configs/Open-MAGVIT2/gpu/imagenet_conditional_llama_*.yaml): 343M, 804M, 1.5B.
+    for (layers, sub_layers, heads, dim), millions in (((24, 2, 16, 1024), 343.6), ((36, 3, 20, 1280), 804.4),
+                                                        ((48, 4, 24, 1536), 1486.7)):
+        config = GPTConfig.from_open_magvit2({"spatial_n_layer": layers, "factorized_n_layer": sub_layers,
+                                              "n_head": heads, "dim": dim, "factorized_bits": [6, 12],
+                                              "block_size": 256, "vocab_size": 512})
+        with torch.device("meta"):
+            assert round(sum(p.numel() for p in GPT(config).parameters()) / 1e5) == round(millions * 10)
     with pytest.raises(ValueError, match="unknown Open-MAGVIT2 GPT arguments"):
         GPTConfig.from_open_magvit2({"n_layer": 2})
 
