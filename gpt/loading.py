@@ -8,7 +8,6 @@ carries an unused `adaLN_modulation` per block and a `pos_emb` of block_size row
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from gpt.config import TRAINING_ONLY, GPTConfig
 from gpt.model import GPT
+from tokenizer.common.io import load_weights_file
 
 OFFICIAL_WEIGHT_KEYS = ("model", "ema", "state_dict", "module")  # where official / LlamaGen files keep weights
 _QKV = ("query", "key", "value")
@@ -116,13 +116,7 @@ def to_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> di
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"GPT model file {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds Python objects beyond tensors and plain containers; re-save its state dict "
-                         f"alone: {e}") from None
+    blob = load_weights_file(path, "GPT model file")
     if not isinstance(blob, dict):
         raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict of weights")
     return blob

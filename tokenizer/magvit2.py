@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.common.io import load_weights_file
 from tokenizer.model import IMAGE_CHANNELS, check_images
 
 NORM_GROUPS = 32
@@ -307,13 +307,7 @@ def read_weights(path: str | os.PathLike, weights: str = "auto") -> tuple[dict, 
     """
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_CHOICES}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist (nothing is downloaded: pass a local file)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds Python objects beyond tensors and plain containers (Lightning may store "
-                         f"its hyper-parameters so); re-save {{'state_dict': ckpt['state_dict']}} alone: {e}") from None
+    ckpt = load_weights_file(path, "tokenizer checkpoint")
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
