@@ -6,6 +6,8 @@ image position t. Training runs `forward` (teacher forcing); generation runs the
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -176,7 +178,7 @@ class ParallelHead(nn.Module):
     def __init__(self, dim: int, sizes: list[int]):
         super().__init__()
         self.sizes = list(sizes)
-        self.bounds = torch.tensor([0, *self.sizes]).cumsum(0).tolist()  # group g: rows bounds[g]:bounds[g+1]
+        self.bounds = list(itertools.accumulate(self.sizes, initial=0))  # group g: rows bounds[g]:bounds[g+1]
         self.proj = nn.Linear(dim, sum(self.sizes), bias=False)
 
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
