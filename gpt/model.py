@@ -328,7 +328,7 @@ class GPT(nn.Module):
         return self.tok_embeddings(idx).sum(-2)
 
     def trunk(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (B, L, dim); index t predicts image position t."""
+        """Hidden states (B, L, dim), final-normed (not for the factorized head); index t predicts position t."""
         B, L, G = codes.shape
         if G != self.config.codebook_groups or not 1 <= L <= self.config.seq_len:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (B, L <= {self.config.seq_len}, "
