@@ -1,4 +1,5 @@
-"""GPT model files: this project's `{"model": state_dict, "config": GPTConfig dict}` and the official MGVQ layout.
+"""GPT model files: this project's `{"model": state_dict, "config": GPTConfig dict}`, the official MGVQ layout and
+Open-MAGVIT2's AR checkpoints.
 
 The official layout is translated here and nowhere else: its AR head keeps q/k/v as three matrices (fused into
 `wqkv` here), names the output projection `proj` (`wo` here) and the start token `sos_emb_for_image` (`sos`),
@@ -7,7 +8,6 @@ carries an unused `adaLN_modulation` per block and a `pos_emb` of block_size row
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import torch
 
 from gpt.config import TRAINING_ONLY, GPTConfig
 from gpt.model import GPT
+from tokenizer.common.io import load_weights_file
 
 OFFICIAL_WEIGHT_KEYS = ("model", "ema", "state_dict", "module")  # where official / LlamaGen files keep weights
 _QKV = ("query", "key", "value")
@@ -52,6 +53,28 @@ def from_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> 
         if missing:
             raise ValueError(f"official GPT state dict lacks {missing}")
         out[f"head.layers.{i}.attention.wqkv.weight"] = torch.cat([parts[p] for p in _QKV])
+    return out
+
+
+def from_open_magvit2_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """An Open-MAGVIT2 AR Lightning state dict (`transformer.*`; the tokenizer's `first_stage_model.*` is left
+    out) -> this model's (head="factorized"). Its pre_emb / post_emb are the two groups' rows of tok_embeddings,
+    spatial_blocks the trunk, factorized_blocks / norm / head.g the factorized head."""
+    sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    tables = ["pre_emb.weight", "post_emb.weight"]  # sub-tokens 0 and 1
+    missing = [k for k in tables if k not in sd]
+    if missing or config.codebook_groups != 2:
+        raise ValueError(f"Open-MAGVIT2 state dict: expected two sub-token tables, missing {missing} "
+                         f"(codebook_groups={config.codebook_groups})")
+    out = {"tok_embeddings.weight": torch.cat([sd.pop(k) for k in tables])}
+    for key, value in sd.items():
+        for old, new in (("spatial_blocks.", "layers."), ("factorized_blocks.", "head.layers."),
+                         ("class_emb.", "cls_embedding."), ("norm.", "head.norm."), ("head.", "head.heads.")):
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            out[key] = value  # an unknown key: strict loading names it
     return out
 
 
@@ -93,13 +116,7 @@ def to_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> di
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"GPT model file {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds Python objects beyond tensors and plain containers; re-save its state dict "
-                         f"alone: {e}") from None
+    blob = load_weights_file(path, "GPT model file")
     if not isinstance(blob, dict):
         raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict of weights")
     return blob
@@ -128,13 +145,19 @@ def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.
     else:
         key = next((k for k in OFFICIAL_WEIGHT_KEYS if isinstance(blob.get(k), dict)), None)
         sd = blob[key] if key else blob  # FSDP-style files are the bare state dict
-        if "norm.weight" not in sd:
+        if "transformer.pre_emb.weight" in sd:  # an Open-MAGVIT2 AR checkpoint (Lightning)
+            if config is None:
+                raise ValueError(f"{path} is an Open-MAGVIT2 AR checkpoint, which stores no config: pass "
+                                 f"config=GPTConfig.from_open_magvit2({{...}}) (its yaml's transformer_config.params)")
+            sd = from_open_magvit2_state_dict(sd, config)
+        elif "norm.weight" not in sd:
             raise ValueError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
                              f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
-        if config is None:
+        elif config is None:
             raise ValueError(f"{path} is in the official MGVQ layout, which stores no config: pass "
                              f"config=GPTConfig.from_official({{...}}) (dim, n_layer, n_head, vocab_size, block_size, ...)")
-        sd = from_official_state_dict(sd, config)
+        else:
+            sd = from_official_state_dict(sd, config)
     if config.input_embedding == "codebook":
         if "codebook" in sd:
             if codebook is not None and not torch.equal(codebook.float().cpu(), sd["codebook"].float()):

@@ -63,9 +63,10 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     if h != w:
         raise ValueError(f"{dataset.codes_dir}: the GPT needs a square code grid, the store holds {h}x{w}")
     meta = dataset.meta
+    per_group = meta["codes_per_group"]  # an int, or one per group (Open-MAGVIT2: [64, 4096])
     from_store = {
         "codebook_groups": dataset.groups,
-        "codebook_size": int(meta["codes_per_group"]),
+        "codebook_size": [int(k) for k in per_group] if isinstance(per_group, list) else int(per_group),
         "grid_size": h,
         "codebook_embed_dim": codebook_dim,
     }
@@ -87,9 +88,11 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     return dataclasses.replace(model, **resolved)
 
 
-def load_codebook(checkpoint: str | None, dataset: CodeDataset) -> tuple[torch.Tensor | None, str | None]:
+def load_codebook(checkpoint: str | None, dataset: CodeDataset,
+                  needed: bool = True) -> tuple[torch.Tensor | None, str | None]:
     """Raw tokenizer codebook (codebook_size, latent/G) and its file's sha256, which must be the store's: the
-    sha256 match proves this is the tokenizer the extraction loaded and checked against the store's architecture."""
+    sha256 match proves this is the tokenizer the extraction loaded and checked against the store's architecture.
+    `needed` False (a GPT that learns its code embeddings): only the sha256 is checked; the codebook is None."""
     if checkpoint is None:
         return None, None
     path = Path(checkpoint)
@@ -100,6 +103,8 @@ def load_codebook(checkpoint: str | None, dataset: CodeDataset) -> tuple[torch.T
     if sha != want:
         raise ValueError(f"tokenizer.checkpoint {path} (sha256 {sha[:16]}...) is not the tokenizer the codes in "
                          f"{dataset.codes_dir} were extracted with (sha256 {want[:16]}...)")
+    if not needed:
+        return None, sha
     codebook = read_codebook(path)  # (G*K, latent/G)
     tokenizer = dataset.meta["tokenizer"]
     want_shape = (tokenizer["codebook_size"], tokenizer["latent_channels"] // tokenizer["codebook_groups"])
@@ -158,7 +163,8 @@ def train(cfg: TrainConfig) -> Path:
     dataset = CodeDataset(cfg.data.codes_dir, seed=cfg.seed, augment=cfg.data.augment)
     if cfg.model.input_embedding == "codebook" and cfg.tokenizer.checkpoint is None:
         raise ValueError("model.input_embedding=codebook needs tokenizer.checkpoint (the codebook the GPT embeds)")
-    codebook, tokenizer_sha = load_codebook(cfg.tokenizer.checkpoint, dataset)
+    codebook, tokenizer_sha = load_codebook(cfg.tokenizer.checkpoint, dataset,
+                                            needed=cfg.model.input_embedding == "codebook")
     model_cfg = resolve_model_config(cfg.model, dataset, None if codebook is None else codebook.shape[1] * dataset.groups)
     sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), cfg.global_batch_size, cfg.grad_accum,
                                  acc.process_index, acc.num_processes)

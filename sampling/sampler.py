@@ -30,6 +30,7 @@ from tqdm import tqdm
 from gpt import GPT, GPTConfig, load_gpt
 from sampling.generate import CFG_SCHEDULES, generate
 from tokenizer import MGVQ, TokenizerRef
+from tokenizer.families import group_sizes
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.common.settings import refuse_mismatch
@@ -41,7 +42,7 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: no wall-clock time in the file
 class SamplerConfig:
     """How a sampler samples (conf/sampler/default.yaml). Every field is recorded in the sample file's sidecar."""
 
-    cfg_scale: float = 2.0
+    cfg_scale: Any = 2.0  # a number or one per group (Open-MAGVIT2 XL: [1.75, 1.85])
     cfg_interval: float = -1  # LlamaGen's: guidance off at positions t > cfg_interval + 1; -1 never
     cfg_schedule: str = "constant"  # constant | linear (ramp from 1 at the first position to cfg_scale at the last)
     temperature: Any = 1.0  # a number or one per group
@@ -70,7 +71,9 @@ class ModelFiles:
     tokenizer: TokenizerRef  # the hydra `tokenizer` group; tokenizer.checkpoint is required
     # Official-layout GPT checkpoints store no config: their ModelArgs fields, e.g. GPT-XXL at 384px
     # {dim: 1536, n_layer: 48, n_head: 24, block_size: 576}. vocab_size, codebook_groups and codebook_embed_dim
-    # default to the tokenizer's. None: the file's own config (this project's model files).
+    # default to the tokenizer's. With an Open-MAGVIT2 tokenizer: its AR yaml's transformer_config.params, e.g.
+    # AR-XL {spatial_n_layer: 48, factorized_n_layer: 4, n_head: 24, dim: 1536}; factorized_bits default to the
+    # tokenizer's. None: the file's own config (this project's model files).
     gpt_official: Optional[dict[str, Any]] = None
 
 
@@ -85,14 +88,15 @@ def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[
     """The GPT and tokenizer `files` names, on `device`, in eval mode."""
     tokenizer = files.tokenizer.load()
     config, t = None, tokenizer.config
-    if files.gpt_official is not None:
+    if files.gpt_official is not None and files.tokenizer.family == "open_magvit2":
+        config = GPTConfig.from_open_magvit2({"factorized_bits": t.factorized_bits, **files.gpt_official})
+    elif files.gpt_official is not None:
         config = GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
                                           "codebook_embed_dim": t.latent_channels, **files.gpt_official})
     gpt = load_gpt(files.gpt_ckpt, config, codebook=tokenizer.codebook())
-    c = gpt.config
-    if (c.codebook_groups, c.codebook_size) != (t.codebook_groups, t.codes_per_group):
-        raise ValueError(f"{files.gpt_ckpt} samples {c.codebook_groups} groups x {c.codebook_size} codes but the "
-                         f"tokenizer {files.tokenizer.checkpoint} has {t.codebook_groups} x {t.codes_per_group}")
+    if gpt.config.group_sizes != group_sizes(t):
+        raise ValueError(f"{files.gpt_ckpt} samples groups of {gpt.config.group_sizes} codes but the tokenizer "
+                         f"{files.tokenizer.checkpoint} has groups of {group_sizes(t)}")
     return gpt.to(device), tokenizer.to(device)
 
 

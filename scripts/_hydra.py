@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import GPTConfig
 from tokenizer.config import MGVQConfig, TokenizerRef
+from tokenizer.magvit2 import Magvit2Config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -19,6 +20,8 @@ def register_presets() -> None:
     store = ConfigStore.instance()
     for name, arch in MGVQConfig.named_presets().items():
         store.store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
+    for name, arch in Magvit2Config.named_presets().items():
+        store.store(group="tokenizer", name=name, node=TokenizerRef(config=arch, family="open_magvit2"))
     for name, model in GPTConfig.named_presets().items():
         store.store(group="model", name=name, node=model)
 

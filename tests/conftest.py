@@ -43,8 +43,11 @@ def hydra_presets() -> None:
 
     from gpt.config import GPTConfig
     from tokenizer.config import MGVQConfig, TokenizerRef
+    from tokenizer.magvit2 import Magvit2Config
 
     for name, arch in MGVQConfig.named_presets().items():
         ConfigStore.instance().store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
+    for name, arch in Magvit2Config.named_presets().items():
+        ConfigStore.instance().store(group="tokenizer", name=name, node=TokenizerRef(config=arch, family="open_magvit2"))
     for name, model in GPTConfig.named_presets().items():
         ConfigStore.instance().store(group="model", name=name, node=model)

@@ -157,7 +157,7 @@ class MGVQConfig:
         return dataclasses.asdict(self)
 
 
-FAMILIES = ("mgvq",)
+FAMILIES = ("mgvq", "open_magvit2")  # the registry with each family's classes: tokenizer.families
 
 
 @dataclass
@@ -171,12 +171,15 @@ class TokenizerRef:
     config: Any = None  # the family's architecture: an MGVQConfig (or its dict) for family mgvq
     checkpoint: str | None = None  # the weights file
     family: str = "mgvq"
+    weights: str = "auto"  # auto | ema | raw: Open-MAGVIT2 files hold both (its AR models decode with raw)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"tokenizer.family={self.family!r}: expected one of {list(FAMILIES)}")
         if isinstance(self.config, dict):
-            self.config = MGVQConfig.from_dict(self.config)
+            from tokenizer.families import FAMILIES as REGISTRY  # it imports this module
+
+            self.config = REGISTRY[self.family].config_cls.from_dict(self.config)
 
     def require_checkpoint(self, why: str) -> str:
         if not self.checkpoint:
@@ -184,7 +187,8 @@ class TokenizerRef:
         return self.checkpoint
 
     def load(self, map_location="cpu"):
-        """The tokenizer in eval mode with gradients off (see tokenizer.loading.load_tokenizer)."""
-        from tokenizer.loading import load_tokenizer
+        """The tokenizer in eval mode with gradients off (see tokenizer.families.load_tokenizer)."""
+        from tokenizer.families import load_tokenizer
 
-        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, map_location)
+        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, self.family,
+                              self.weights, map_location)
