@@ -420,8 +420,7 @@ def test_sfid_features_are_tf_mixed_6_conv_first_7_channels_in_hwc_order(image_s
     assert feats[SPATIAL].shape == (3, 17 * 17 * 7) and feats[SPATIAL].dtype == torch.float32
     assert torch.allclose(feats[SPATIAL].double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     assert (want > 0).float().mean() > 0.2  # not a dead layer: the comparison means something
-    # the features ride along in the one pass: pool features of the same images are unchanged
-    assert torch.equal(feats["2048"], ev.features(torch.utils.data.Subset(images, [0, 7, 9]))["2048"])
+    assert feats["2048"].shape == (3, 2048) and len(block_input) == 1  # one pass gave both
 
 
 def test_sfid_uses_stored_mu_s_sigma_s_when_present_else_the_reference_images(tmp_path):
