@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
-HEADS = ("parallel", "ar")
+HEADS = ("parallel", "ar", "factorized")
 INPUT_EMBEDDINGS = ("codebook", "learned")
 
 _IBQ = {"class_adaln": True, "input_embedding": "learned"}
@@ -41,6 +42,17 @@ OFFICIAL_DEFAULTS = {
 # Official fields with no meaning here: text conditioning and the official sampler's cache sizes.
 OFFICIAL_IGNORED = {"caption_dim", "model_type", "max_batch_size", "max_seq_len"}
 
+# Defaults of the official Open-MAGVIT2 `GPT(...)` arguments (SEED-Voken modules/transformer/gpt.py), and those
+# with no meaning here (the official sampler's cache sizes, a text-conditioning width, an unused vocab_size).
+OPEN_MAGVIT2_DEFAULTS = {
+    "block_size": 256, "spatial_n_layer": 12, "n_head": 8, "dim": 256, "factorized_n_layer": 2, "resid_dropout_p": 0.0,
+    "attn_dropout_p": 0.0, "ffn_dropout_p": 0.1, "drop_path_rate": 0.0, "token_factorization": True,
+    "class_num": 1000, "token_drop": 0.1, "cls_token_num": 1, "rope_base": 10000, "norm_eps": 1e-5,
+    "ffn_dim_multiplier": None, "initalizer_range": 0.02, "multiple_of": 256, "n_kv_head": None, "factorized_k": 2,
+    "factorized_bits": [9, 9],
+}
+OPEN_MAGVIT2_IGNORED = {"vocab_size", "cond_dim", "embd_pdrop", "n_unmasked", "max_batch_size", "max_seq_len"}
+
 # Fields that shape training only; every other field must agree between a model file and the config it is loaded with.
 TRAINING_ONLY = {"initializer_range", "class_dropout_prob", "token_dropout_p", "attn_dropout_p", "resid_dropout_p",
                  "ffn_dropout_p", "drop_path_rate"}
@@ -73,12 +85,15 @@ class GPTConfig:
     ffn_dropout_p: float = 0.1
     drop_path_rate: float = 0.0
     codebook_groups: int | None = 4
-    codebook_size: int | None = 8192
+    # Codes per group: one int for every group, or a list of one per group ([64, 4096]); typed Any because
+    # OmegaConf's structured configs refuse a union of int and list.
+    codebook_size: Any = 8192
     grid_size: int | None = 16
     codebook_embed_dim: int | None = 32
-    head: str = "parallel"  # parallel: G linear heads | ar: MGVQ's small transformer over the G sub-tokens
+    # parallel: G linear heads | ar: MGVQ's small transformer over the G sub-tokens | factorized: Open-MAGVIT2's
+    head: str = "parallel"
     input_embedding: str = "codebook"  # codebook: frozen tokenizer rows + img_projector | learned: nn.Embedding
-    ar_head_layers: int = 2
+    ar_head_layers: int = 2  # layers of the ar or factorized head
     # IBQ-AR's VAR-style class conditioning: every block and the final norm also get a per-sample scale, shift
     # (and, in blocks, residual gates) from SiLU -> Linear of the class embedding. Off: LlamaGen's trunk.
     class_adaln: bool = False
@@ -127,6 +142,28 @@ class GPTConfig:
                                    "num_classes": 1000, "head": "parallel", "input_embedding": "learned",
                                    "codebook_embed_dim": None, **overrides})
 
+    @classmethod
+    def from_open_magvit2(cls, d: dict) -> GPTConfig:
+        """Map the official Open-MAGVIT2 `GPT` arguments (`transformer_config.params` of its AR yaml)."""
+        unknown = sorted(set(d) - set(OPEN_MAGVIT2_DEFAULTS) - OPEN_MAGVIT2_IGNORED)
+        if unknown:
+            raise ValueError(f"unknown Open-MAGVIT2 GPT arguments {unknown}")
+        a = {**OPEN_MAGVIT2_DEFAULTS, **{k: v for k, v in d.items() if k not in OPEN_MAGVIT2_IGNORED}}
+        bits, grid = list(a["factorized_bits"]), math.isqrt(a["block_size"])
+        if not a["token_factorization"] or a["factorized_k"] != len(bits) or grid * grid != a["block_size"]:
+            raise ValueError(f"token_factorization={a['token_factorization']}, factorized_k={a['factorized_k']}, "
+                             f"factorized_bits={bits}, block_size={a['block_size']}: expected a factorized model "
+                             f"with one bit width per sub-token and a square code grid")
+        return cls(dim=a["dim"], n_layer=a["spatial_n_layer"], n_head=a["n_head"], n_kv_head=a["n_kv_head"],
+                   multiple_of=a["multiple_of"], ffn_dim_multiplier=a["ffn_dim_multiplier"], norm_eps=a["norm_eps"],
+                   rope_base=float(a["rope_base"]), initializer_range=a["initalizer_range"],
+                   num_classes=a["class_num"], cls_token_num=a["cls_token_num"], class_dropout_prob=0.1,
+                   token_dropout_p=a["token_drop"], attn_dropout_p=a["attn_dropout_p"],
+                   resid_dropout_p=a["resid_dropout_p"], ffn_dropout_p=a["ffn_dropout_p"],
+                   drop_path_rate=a["drop_path_rate"], codebook_groups=len(bits), codebook_size=[2**b for b in bits],
+                   grid_size=grid, codebook_embed_dim=None, head="factorized", input_embedding="learned",
+                   ar_head_layers=a["factorized_n_layer"])
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -137,6 +174,12 @@ class GPTConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Codes per group, one entry per group."""
+        K = self.codebook_size
+        return list(K) if isinstance(K, (list, tuple)) else [K] * self.codebook_groups
 
     @property
     def seq_len(self) -> int:
@@ -172,6 +215,15 @@ class GPTConfig:
         if self.input_embedding == "codebook" and self.codebook_embed_dim % self.codebook_groups:
             problems.append(f"codebook_embed_dim={self.codebook_embed_dim} must split into "
                             f"codebook_groups={self.codebook_groups} equal rows")
+        sizes = self.group_sizes
+        if len(sizes) != self.codebook_groups or min(sizes) < 1:
+            problems.append(f"codebook_size={self.codebook_size} must be positive, one int or one per group "
+                            f"(codebook_groups={self.codebook_groups})")
+        elif len(set(sizes)) > 1 and self.input_embedding != "learned":
+            problems.append(f"codebook_size={self.codebook_size}: groups of different sizes need "
+                            f"input_embedding=learned (codebook input stacks G equal tables)")
+        if self.head == "factorized" and self.input_embedding != "learned":
+            problems.append("head=factorized embeds sub-tokens with the trunk's table: it needs input_embedding=learned")
         if self.head == "ar" and self.dim % self.codebook_groups:
             problems.append(f"head=ar runs codebook_groups={self.codebook_groups} attention heads over dim={self.dim}")
         if self.dim % 2:

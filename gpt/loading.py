@@ -1,10 +1,10 @@
-"""GPT model files: this project's `{"model": state_dict, "config": GPTConfig dict}` and the official MGVQ, LlamaGen
-c2i and IBQ-AR layouts, all translated here and nowhere else.
+"""GPT model files: this project's `{"model": state_dict, "config": GPTConfig dict}` and the official MGVQ,
+Open-MAGVIT2 AR, LlamaGen c2i and IBQ-AR layouts, all translated here and nowhere else.
 
 LlamaGen's trunk has this model's names (G = 1, learned input); its head is `output`. IBQ-AR's Lightning file
 keeps the GPT under `transformer.` (`tok_emb`, `class_emb`, `blocks`, adaLN `ada_lin` per block, `head_nm` the
-modulated final norm, `head`) and its tokenizer under `first_stage_model.`. The MGVQ AR head keeps q/k/v as three matrices (fused into
-`wqkv` here), names the output projection `proj` (`wo` here) and the start token `sos_emb_for_image` (`sos`),
+modulated final norm, `head`) and its tokenizer under `first_stage_model.`. The MGVQ AR head keeps q/k/v as
+three matrices (fused into `wqkv` here), names the output projection `proj` (`wo` here) and the start token `sos_emb_for_image` (`sos`),
 carries an unused `adaLN_modulation` per block and a `pos_emb` of block_size rows of which only G+1 are used.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from gpt.config import TRAINING_ONLY, GPTConfig
 from gpt.model import GPT
-from tokenizer.vqgan_weights import load_official
+from tokenizer.common.io import load_weights_file
 
 OFFICIAL_WEIGHT_KEYS = ("model", "ema", "state_dict", "module")  # where official / LlamaGen files keep weights
 _QKV = ("query", "key", "value")
@@ -55,6 +55,28 @@ def from_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> 
         if missing:
             raise ValueError(f"official GPT state dict lacks {missing}")
         out[f"head.layers.{i}.attention.wqkv.weight"] = torch.cat([parts[p] for p in _QKV])
+    return out
+
+
+def from_open_magvit2_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """An Open-MAGVIT2 AR Lightning state dict (`transformer.*`; the tokenizer's `first_stage_model.*` is left
+    out) -> this model's (head="factorized"). Its pre_emb / post_emb are the two groups' rows of tok_embeddings,
+    spatial_blocks the trunk, factorized_blocks / norm / head.g the factorized head."""
+    sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    tables = ["pre_emb.weight", "post_emb.weight"]  # sub-tokens 0 and 1
+    missing = [k for k in tables if k not in sd]
+    if missing or config.codebook_groups != 2:
+        raise ValueError(f"Open-MAGVIT2 state dict: expected two sub-token tables, missing {missing} "
+                         f"(codebook_groups={config.codebook_groups})")
+    out = {"tok_embeddings.weight": torch.cat([sd.pop(k) for k in tables])}
+    for key, value in sd.items():
+        for old, new in (("spatial_blocks.", "layers."), ("factorized_blocks.", "head.layers."),
+                         ("class_emb.", "cls_embedding."), ("norm.", "head.norm."), ("head.", "head.heads.")):
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            out[key] = value  # an unknown key: strict loading names it
     return out
 
 
@@ -120,29 +142,33 @@ def from_ibq_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"GPT model file {path} does not exist")
-    return load_official(path)  # weights only (LlamaGen's pickled argparse args accepted)
+    blob = load_weights_file(path, "GPT model file")  # weights only (LlamaGen's pickled argparse args accepted)
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict of weights")
+    return blob
 
 
 def _official_weights(blob: dict, path: Path, config: GPTConfig | None) -> dict:
-    """The weights of an official MGVQ, LlamaGen or IBQ-AR file, translated to this model's names."""
-    if isinstance(blob.get("state_dict"), dict) and any(k.startswith("transformer.") for k in blob["state_dict"]):
-        layout, sd = "IBQ-AR", from_ibq_state_dict(blob["state_dict"])
-    else:
-        key = next((k for k in OFFICIAL_WEIGHT_KEYS if isinstance(blob.get(k), dict)), None)
-        sd = blob[key] if key else blob  # FSDP-style files are the bare state dict
-        if "norm.weight" not in sd:
-            raise ValueError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
-                             f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
+    """The weights of an official MGVQ, Open-MAGVIT2, LlamaGen or IBQ-AR file, translated to this model's names."""
+    key = next((k for k in OFFICIAL_WEIGHT_KEYS if isinstance(blob.get(k), dict)), None)
+    sd = blob[key] if key else blob  # FSDP-style files are the bare state dict
+    if "transformer.pre_emb.weight" in sd:
+        layout = "Open-MAGVIT2"
+    elif any(k.startswith("transformer.") for k in sd):
+        layout = "IBQ-AR"
+    elif "norm.weight" in sd:
         layout = "LlamaGen" if "output.weight" in sd else "MGVQ"
+    else:
+        raise ValueError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
+                         f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
     if config is None:
         raise ValueError(f"{path} is in the official {layout} layout, which stores no config: pass one, e.g. "
                          f"GPTConfig.single_codebook('gpt_b' or 'ibq_ar_b', codebook_size=16384) for LlamaGen/IBQ-AR, "
+                         f"GPTConfig.from_open_magvit2({{...}}) (its yaml's transformer_config.params) for Open-MAGVIT2, "
                          f"GPTConfig.from_official({{...}}) for MGVQ")
-    if layout == "LlamaGen":
-        return from_llamagen_state_dict(sd)
-    return sd if layout == "IBQ-AR" else from_official_state_dict(sd, config)
+    translate = {"Open-MAGVIT2": from_open_magvit2_state_dict, "IBQ-AR": lambda sd, c: from_ibq_state_dict(sd),
+                 "LlamaGen": lambda sd, c: from_llamagen_state_dict(sd), "MGVQ": from_official_state_dict}
+    return translate[layout](sd, config)
 
 
 def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.Tensor | None = None) -> GPT:

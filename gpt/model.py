@@ -6,6 +6,8 @@ image position t. Training runs `forward` (teacher forcing); generation runs the
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -176,16 +178,26 @@ class LabelEmbedding(nn.Module):
         return self.embedding_table(labels)[:, None]  # (B, 1, dim)
 
 
-class ParallelHead(nn.Module):
-    """G independent linear heads (one matmul) on the trunk's hidden state."""
+def pad_groups(logits: list[torch.Tensor]) -> torch.Tensor:
+    """G tensors (..., V_g) -> (..., G, max V_g), a smaller group's missing codes -inf (softmax 0, never drawn)."""
+    V = max(x.shape[-1] for x in logits)
+    return torch.stack([F.pad(x, (0, V - x.shape[-1]), value=float("-inf")) for x in logits], dim=-2)
 
-    def __init__(self, dim: int, groups: int, codes: int):
+
+class ParallelHead(nn.Module):
+    """G independent linear heads (one matmul) on the trunk's hidden state; group g has sizes[g] codes."""
+
+    def __init__(self, dim: int, sizes: list[int]):
         super().__init__()
-        self.groups, self.codes = groups, codes
-        self.proj = nn.Linear(dim, groups * codes, bias=False)
+        self.sizes = list(sizes)
+        self.bounds = list(itertools.accumulate(self.sizes, initial=0))  # group g: rows bounds[g]:bounds[g+1]
+        self.proj = nn.Linear(dim, sum(self.sizes), bias=False)
 
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return self.proj(h).unflatten(-1, (self.groups, self.codes))  # (B, L, G, V)
+        out = self.proj(h)
+        if len(set(self.sizes)) == 1:
+            return out.unflatten(-1, (len(self.sizes), self.sizes[0]))  # (B, L, G, V)
+        return pad_groups(list(out.split(self.sizes, dim=-1)))
 
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
         pass
@@ -194,19 +206,23 @@ class ParallelHead(nn.Module):
         pass
 
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(h, self.proj.weight[g * self.codes:(g + 1) * self.codes]).float()  # (B, V)
+        return F.linear(h, self.proj.weight[self.bounds[g]:self.bounds[g + 1]]).float()  # (B, V_g)
 
 
 class ARHead(nn.Module):
     """MGVQ's AR head: a small causal transformer over [h_t, sos, emb(sub_0), ..., emb(sub_{G-2})].
 
     Its output at index g+1 predicts sub-token g of position t. It has G attention heads with per-head q/k
-    RMSNorm, SwiGLU of hidden 4*dim, no RoPE but a learned position table of G+1 rows.
+    RMSNorm, SwiGLU of hidden 4*dim, no RoPE but a learned position table of G+1 rows. Groups of different
+    sizes share the input table and the output layer, as wide as the largest group; a group's logits stop at
+    its own size (-inf beyond in the teacher-forced output).
     """
 
-    def __init__(self, dim: int, groups: int, codes: int, n_layer: int, norm_eps: float):
+    def __init__(self, dim: int, sizes: list[int], n_layer: int, norm_eps: float):
         super().__init__()
-        self.groups, self.codes = groups, codes
+        self.sizes = list(sizes)
+        self.groups, self.codes = len(self.sizes), max(self.sizes)
+        groups, codes = self.groups, self.codes
         self.tok_emb = nn.Embedding(codes, dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, groups + 1, dim))
         self.sos = nn.Parameter(torch.zeros(1, 1, dim))
@@ -224,6 +240,9 @@ class ARHead(nn.Module):
         for layer in self.layers:
             x = layer(x)
         logits = self.head(self.ln_f(x[:, 1:]))  # (B*L, G, V): index 0 (h_t itself) predicts nothing
+        if len(set(self.sizes)) > 1:
+            beyond = torch.arange(self.codes, device=h.device) >= torch.tensor(self.sizes, device=h.device)[:, None]
+            logits = logits.masked_fill(beyond, float("-inf"))  # (G, V) mask: codes past each group's size
         return logits.view(B, L, self.groups, self.codes)
 
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
@@ -242,7 +261,7 @@ class ARHead(nn.Module):
             x = (self.tok_emb(prev_sub) + self.pos_emb[0, g + 1])[:, None]  # (B, 1, D)
         for layer in self.layers:
             x = layer(x, None, 0 if g == 0 else g + 1)
-        return self.head(self.ln_f(x[:, -1])).float()  # (B, V)
+        return self.head(self.ln_f(x[:, -1]))[:, :self.sizes[g]].float()  # (B, V_g)
 
 
 class GPT(nn.Module):
@@ -250,7 +269,7 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = c = config
-        G, K = c.codebook_groups, c.codebook_size
+        G, K = c.codebook_groups, c.group_sizes[0]
         self.cls_embedding = LabelEmbedding(c.num_classes, c.dim, c.class_dropout_prob)
         if c.input_embedding == "codebook":
             # The frozen tokenizer codebook, saved with the model so a model file is self-contained.
@@ -267,30 +286,38 @@ class GPT(nn.Module):
         else:
             # One table per group, summed: the same as G nn.Embedding(K, dim) and as a linear map of the G one-hot
             # codes concatenated, without a projection to learn or run.
-            self.tok_embeddings = nn.Embedding(G * K, c.dim)
+            # Groups of different sizes (factorized head): the tables of all groups stacked, offsets by cumsum.
+            self.tok_embeddings = nn.Embedding(sum(c.group_sizes), c.dim)
         self.tok_dropout = nn.Dropout(c.token_dropout_p)
         drop_paths = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
         self.layers = nn.ModuleList(
             Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, c.resid_dropout_p),
                   FeedForward(c.dim, c.ffn_hidden, c.ffn_dropout_p), c.norm_eps, p, c.class_adaln)
             for p in drop_paths)
-        self.norm = RMSNorm(c.dim, c.norm_eps)
+        # The factorized head normalises its own outputs; the trunk then has no final norm (as Open-MAGVIT2).
+        self.norm = nn.Identity() if c.head == "factorized" else RMSNorm(c.dim, c.norm_eps)
         self.norm_ada_lin = ada_lin(c.dim, 2) if c.class_adaln else None  # scale, shift of the final norm
         self.cond: torch.Tensor | None = None  # the class embedding (B, 1, dim) of a cached generation (adaLN)
-        if c.head == "ar":
-            self.head = ARHead(c.dim, G, K, c.ar_head_layers, c.norm_eps)
+        if c.head == "factorized":
+            from gpt.factorized import FactorizedHead  # it builds on this module's blocks
+
+            self.head = FactorizedHead(c)
+        elif c.head == "ar":
+            self.head = ARHead(c.dim, c.group_sizes, c.ar_head_layers, c.norm_eps)
         else:
-            self.head = ParallelHead(c.dim, G, K)
+            self.head = ParallelHead(c.dim, c.group_sizes)
         self.init_buffers()
         self.init_weights()
 
     def init_buffers(self) -> None:
         """(Re)build the non-persistent buffers (RoPE table, group offsets), e.g. in a model built on meta."""
         c = self.config
-        device = self.norm.weight.device
+        device = self.cls_embedding.embedding_table.weight.device
         self.register_buffer("freqs_cis", rope_2d(c.grid_size, c.head_dim, c.rope_base).to(device), persistent=False)
-        self.register_buffer("code_offsets", torch.arange(c.codebook_groups, device=device) * c.codebook_size,
-                             persistent=False)
+        offsets = torch.tensor([0, *c.group_sizes[:-1]], device=device).cumsum(0)
+        self.register_buffer("code_offsets", offsets, persistent=False)
+        if hasattr(self.head, "init_buffers"):
+            self.head.init_buffers()
 
     def init_weights(self) -> None:
         """LlamaGen's init: N(0, initializer_range) linears and embeddings, zero parallel heads (uniform start)."""
@@ -310,6 +337,9 @@ class GPT(nn.Module):
                 self.norm_ada_lin[1].weight.mul_(0.5)
         if isinstance(self.head, ParallelHead):
             nn.init.zeros_(self.head.proj.weight)
+        elif self.config.head == "factorized":
+            for head in self.head.heads:
+                nn.init.zeros_(head.weight)
         else:
             nn.init.zeros_(self.head.pos_emb)
             nn.init.normal_(self.head.sos, std=0.02)
@@ -330,7 +360,7 @@ class GPT(nn.Module):
         return x * (1 + scale) + shift
 
     def trunk(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (B, L, dim); index t predicts image position t."""
+        """Hidden states (B, L, dim), final-normed (not for the factorized head); index t predicts position t."""
         B, L, G = codes.shape
         if G != self.config.codebook_groups or not 1 <= L <= self.config.seq_len:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (B, L <= {self.config.seq_len}, "
@@ -345,16 +375,21 @@ class GPT(nn.Module):
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, G, V) in float32 of codes (B, L, G) int64 given labels (B,)."""
-        return self.head(self.trunk(codes, labels), codes).float()
+        h = self.trunk(codes, labels)
+        if self.config.head == "factorized":  # its inputs are the trunk's embeddings of sub-tokens 0..G-2
+            offsets = self.code_offsets[:-1]
+            return self.head(h, self.tok_embeddings(codes[..., :-1] + offsets)).float()
+        return self.head(h, codes).float()
 
     # Cached generation: the caller owns the loop and the sampling policy.
 
     def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
         c = self.config
-        dtype = dtype or self.norm.weight.dtype
+        weight = self.cls_embedding.embedding_table.weight
+        dtype = dtype or weight.dtype
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype,
-                                               self.norm.weight.device)
+                                               weight.device)
         self.head.setup_cache(max_batch_size, dtype)
 
     def clear_cache(self) -> None:
@@ -386,4 +421,7 @@ class GPT(nn.Module):
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits (B, V) of sub-token g at the current position. The ar head needs, for g > 0, the
         sub-token g-1 the caller sampled (B,); the parallel head ignores it."""
+        if self.config.head == "factorized":
+            prev = None if g == 0 else self.tok_embeddings(prev_sub + self.code_offsets[g - 1])
+            return self.head.sub_logits(h, g, prev)
         return self.head.sub_logits(h, g, prev_sub)

@@ -23,7 +23,7 @@ from gpt.model import GPT
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
 from tokenizer.config import TokenizerRef
-from tokenizer.families import get_family
+from tokenizer.families import get_family, group_sizes
 from tokenizer.loading import read_codebook
 
 
@@ -64,9 +64,10 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     if h != w:
         raise ValueError(f"{dataset.codes_dir}: the GPT needs a square code grid, the store holds {h}x{w}")
     meta = dataset.meta
+    per_group = meta["codes_per_group"]  # an int, or one per group (Open-MAGVIT2: [64, 4096])
     from_store = {
         "codebook_groups": dataset.groups,
-        "codebook_size": int(meta["codes_per_group"]),
+        "codebook_size": [int(k) for k in per_group] if isinstance(per_group, list) else int(per_group),
         "grid_size": h,
         "codebook_embed_dim": codebook_dim,
     }
@@ -88,10 +89,12 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     return dataclasses.replace(model, **resolved)
 
 
-def load_codebook(tokenizer: TokenizerRef, dataset: CodeDataset) -> tuple[torch.Tensor | None, str | None]:
+def load_codebook(tokenizer: TokenizerRef, dataset: CodeDataset,
+                  needed: bool = True) -> tuple[torch.Tensor | None, str | None]:
     """Raw tokenizer codebook (codebook_size, latent/G) and its file's sha256, which must be the store's: the
     sha256 match proves this is the tokenizer the extraction loaded and checked against the store's architecture.
-    A tokenizer of another family than the store's is refused."""
+    A tokenizer of another family than the store's is refused. `needed` False (a GPT that learns its code
+    embeddings): only the family and the sha256 are checked; the codebook is None."""
     if tokenizer.checkpoint is None:
         return None, None
     family = dataset.meta.get("family", "mgvq")  # stores written before families existed are MGVQ's
@@ -106,9 +109,11 @@ def load_codebook(tokenizer: TokenizerRef, dataset: CodeDataset) -> tuple[torch.
     if sha != want:
         raise ValueError(f"tokenizer.checkpoint {path} (sha256 {sha[:16]}...) is not the tokenizer the codes in "
                          f"{dataset.codes_dir} were extracted with (sha256 {want[:16]}...)")
+    if not needed:
+        return None, sha
     codebook = read_codebook(path, family, tokenizer.weights)  # (G*K, latent/G)
     arch = get_family(family).config_cls.from_dict(dataset.meta["tokenizer"])
-    want_shape = (arch.codebook_groups * arch.codes_per_group, arch.latent_channels // arch.codebook_groups)
+    want_shape = (sum(group_sizes(arch)), arch.latent_channels // arch.codebook_groups)
     if tuple(codebook.shape) != want_shape:
         raise ValueError(f"{path}: the codebook has shape {tuple(codebook.shape)}, the store's tokenizer "
                          f"config implies {want_shape}")
@@ -164,7 +169,7 @@ def train(cfg: TrainConfig) -> Path:
     dataset = CodeDataset(cfg.data.codes_dir, seed=cfg.seed, augment=cfg.data.augment)
     if cfg.model.input_embedding == "codebook" and cfg.tokenizer.checkpoint is None:
         raise ValueError("model.input_embedding=codebook needs tokenizer.checkpoint (the codebook the GPT embeds)")
-    codebook, tokenizer_sha = load_codebook(cfg.tokenizer, dataset)
+    codebook, tokenizer_sha = load_codebook(cfg.tokenizer, dataset, needed=cfg.model.input_embedding == "codebook")
     model_cfg = resolve_model_config(cfg.model, dataset, None if codebook is None else codebook.shape[1] * dataset.groups)
     sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), cfg.global_batch_size, cfg.grad_accum,
                                  acc.process_index, acc.num_processes)

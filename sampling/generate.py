@@ -142,7 +142,7 @@ def generate(
     model,
     labels: torch.Tensor,
     *,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | Sequence[float] = 1.0,
     cfg_interval: float = -1,
     cfg_schedule: str = "constant",
     temperature: float | Sequence[float] = 1.0,
@@ -156,7 +156,7 @@ def generate(
 
     For every position t and group g: sub-token logits -> CFG mix (conditional and null-class halves run as
     one batch of 2B; both continue with the sampled sub-token) -> temperature -> top-k -> top-p -> draw.
-    `temperature`, `top_k`, `top_p`: a scalar or one value per group; top_k 0 and top_p 1 mean no filtering,
+    `cfg_scale`, `temperature`, `top_k`, `top_p`: a scalar or one value per group; top_k 0 and top_p 1 mean no filtering,
     top_k 1 is greedy decoding. `top_k_log2`: read top_k as MGVQ's exponent (k = 2**top_k).
     `seeds` (B,) non-negative int64: each sample's own random stream (None: drawn from torch's generator).
     `sampled_groups` n: only the first n groups are sampled, later ones are decoded greedily (they still
@@ -176,7 +176,8 @@ def generate(
         raise ValueError(f"seeds has shape {tuple(seeds.shape)}, expected ({B},)")
     keys = seed_keys(seeds.to(device))
 
-    guided = cfg_scale != 1.0
+    scales = per_group(cfg_scale, G, "cfg_scale")
+    guided = any(s != 1.0 for s in scales)
     if guided:  # rows [0, B) conditional, [B, 2B) the null class
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
 
@@ -188,12 +189,12 @@ def generate(
             if t > 0:
                 prev = codes[:, t - 1]
                 h = model.decode_step(torch.cat([prev, prev]) if guided else prev, t)
-            scale = cfg_scale_at(t, L, cfg_scale, cfg_interval, cfg_schedule)
+            scale = [cfg_scale_at(t, L, s, cfg_interval, cfg_schedule) for s in scales]
             sub = None
             for g in range(G):
                 logits = model.sub_logits(h, g, sub).float()  # (B or 2B, V)
                 if guided:
-                    logits = cfg_mix(logits[:B], logits[B:], scale)
+                    logits = cfg_mix(logits[:B], logits[B:], scale[g])
                 logits = filter_logits(logits, temps[g], ks[g], ps[g])
                 codes[:, t, g] = sample_from_logits(logits, uniforms(keys, t * G + g))
                 sub = torch.cat([codes[:, t, g]] * 2) if guided else codes[:, t, g]

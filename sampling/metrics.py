@@ -1,14 +1,17 @@
-"""gFID / IS / precision / recall / KID of sample images against a reference, through torch-fidelity.
+"""FID / sFID / IS / precision / recall / KID of sample images against a reference, through torch-fidelity.
 
-The numbers follow the ADM evaluator's conventions (DESIGN.md 5): Inception-v3 features from the TF
-2015-12-05 graph (torch-fidelity's `inception-v3-compat`), FID against ADM's stored `mu`/`sigma` when the
-reference carries them, IS over contiguous unshuffled splits of 5000, precision/recall on pool features.
+The numbers follow the ADM evaluator's conventions (DESIGN.md 5; guided-diffusion evaluations/evaluator.py):
+Inception-v3 features from the TF 2015-12-05 graph (torch-fidelity's `inception-v3-compat`); FID on the pool
+features and sFID on the spatial features of TF's `mixed_6/conv`, each against the reference's stored
+statistics (`mu`/`sigma`, `mu_s`/`sigma_s`) when it carries them; IS over consecutive chunks of 5000 samples
+(the last one partial); precision/recall on pool features. Samples and reference must have one image size.
 Nothing downloads: the Inception weights come from a local file, and a missing file fails at once.
 """
 import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import struct
 import warnings
@@ -21,14 +24,29 @@ import torch
 import torch_fidelity
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
 from tokenizer.common.io import atomic_path, sha256_file, write_json_atomic
+
+TORCH_FIDELITY_MIN = (0, 4, 0)
+
+
+def check_torch_fidelity(version: str) -> None:
+    """Refuse torch-fidelity builds whose numbers differ: 0.3.x has no precision/recall module, and the
+    0.4.0-beta builds return precision and recall swapped for the argument order used here."""
+    release = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", version)
+    if release is None or tuple(map(int, release.groups())) < TORCH_FIDELITY_MIN:
+        raise ImportError(f"torch-fidelity {version} is installed; the evaluation needs a release >= "
+                          f"{'.'.join(map(str, TORCH_FIDELITY_MIN))} (no pre-release: the 0.4.0-beta builds swap "
+                          f"precision and recall): pip install 'torch-fidelity>=0.4.0'")
+
+
+check_torch_fidelity(torch_fidelity.__version__)  # before the imports below, which 0.3.x lacks
+
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric  # noqa: E402
+from torch_fidelity.metric_kid import kid_features_to_metric  # noqa: E402
+from torch_fidelity.metric_prc import prc_features_to_metric  # noqa: E402
+from torch_fidelity.utils import create_feature_extractor  # noqa: E402
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -37,6 +55,12 @@ INCEPTION_WEIGHTS_URL = (
 INCEPTION_WEIGHTS_ENV = "MGVQ_INCEPTION_WEIGHTS"
 FEATURE_EXTRACTOR = "inception-v3-compat"
 POOL, LOGITS = "2048", "logits_unbiased"  # FID/KID/PRC features; IS logits without the fc bias, as ADM
+# sFID features: TF's mixed_6/conv (the 1x1 branch of the 4th 17x17 block, after its BN and ReLU) is
+# torch-fidelity's Mixed_6d.branch1x1, (B, 192, 17, 17); ADM keeps its first 7 channels.
+SPATIAL, SPATIAL_MODULE, SPATIAL_CHANNELS = "mixed_6/conv", "Mixed_6d.branch1x1", 7
+# ADM's stored reference statistics per metric, and the features each metric is computed on
+STORED_STATS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}
+FRECHET_FEATURES = {"fid": POOL, "sfid": SPATIAL}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ADM_IS_SPLIT_SIZE = 5000
 
@@ -52,26 +76,46 @@ class EvalConfig:
     batch_size: int = 64
     num_workers: int = 0  # DataLoader workers reading the images
     fid: bool = True
+    sfid: bool = True  # FID on ADM's spatial features (TF mixed_6/conv, first 7 channels)
     isc: bool = True
     prc: bool = True
     kid: bool = False
-    isc_splits: int = 0  # 0: ADM's rule, N // 5000 contiguous splits (at least 1)
+    isc_split_size: int = ADM_IS_SPLIT_SIZE  # IS per consecutive chunk of this many samples, the last one partial
     prc_neighborhood: int = 3
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     seed: int = 2020  # KID subset draws
+    allow_size_mismatch: bool = False  # score samples whose image size differs from the reference's anyway
     progress: bool = True
 
 
-def _npz_member(path: Path, name: str) -> np.ndarray:
-    """Memory-map member `name` of an uncompressed .npz; a compressed member is read into RAM."""
+def _zip_info(path: Path, name: str) -> zipfile.ZipInfo:
     try:
         with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo(name + ".npy")
+            return zf.getinfo(name + ".npy")
     except zipfile.BadZipFile as e:
         raise ValueError(f"{path} is not an .npz file: {e}") from None
     except KeyError:
         raise KeyError(f"{path} has no array {name!r}") from None
+
+
+def _read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
+def npz_shape(path: str | os.PathLike, name: str = "arr_0") -> tuple[int, ...]:
+    """Shape of member `name` of an .npz, from its .npy header: nothing of the array is read or decompressed."""
+    path = Path(path)
+    info = _zip_info(path, name)
+    with zipfile.ZipFile(path) as zf, zf.open(info) as f:  # streams: only the header is inflated
+        return tuple(_read_npy_header(f)[0])
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    """Memory-map member `name` of an uncompressed .npz; a compressed member is read into RAM."""
+    info = _zip_info(path, name)
     if info.compress_type != zipfile.ZIP_STORED:
         warnings.warn(f"{path}:{name} is compressed and cannot be memory-mapped; reading it into RAM "
                       f"(write it with np.savez, not np.savez_compressed, to stream it)", stacklevel=2)
@@ -85,9 +129,7 @@ def _npz_member(path: Path, name: str) -> np.ndarray:
             raise ValueError(f"{path}: corrupt zip header for {name}")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
+        shape, fortran_order, dtype = _read_npy_header(f)
         offset = f.tell()
     if dtype.hasobject:
         raise ValueError(f"{path}:{name} holds Python objects, not an image array")
@@ -157,6 +199,41 @@ def open_images(path: str | os.PathLike) -> Dataset:
     return NpzImages(path)
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(H, W) of the images of a sample/reference .npz (from arr_0's header, nothing loaded) or folder;
+    None for an .npz that holds only statistics."""
+    path = Path(path)
+    if path.is_dir():
+        w, h = FolderImages(path).size
+        return h, w
+    if "arr_0" not in npz_members(path):
+        return None
+    shape = npz_shape(path)
+    if len(shape) != 4:
+        raise ValueError(f"{path}:arr_0 must be (N,H,W,3) images, got shape {shape}")
+    return shape[1], shape[2]
+
+
+def check_resolution(samples: str | os.PathLike, reference: str | os.PathLike,
+                     allow_mismatch: bool = False) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """The (H, W) of the samples and of the reference, refusing a difference unless `allow_mismatch`.
+
+    Inception resizes every input to 299, so samples at another size than the reference shift FID (MGVQ
+    resizes its 384px samples to 256 before scoring them against ADM's 256px reference).
+    """
+    samples_size, reference_size = image_size(samples), image_size(reference)
+    if reference_size is None:
+        warnings.warn(f"{reference} holds statistics but no images (arr_0): the samples' size "
+                      f"{samples_size[0]}x{samples_size[1]} cannot be checked against the reference's", stacklevel=2)
+    elif samples_size != reference_size and not allow_mismatch:
+        (h, w), (rh, rw) = samples_size, reference_size
+        raise ValueError(
+            f"the samples {samples} are {h}x{w} but the reference {reference} is {rh}x{rw}: scores at "
+            f"another size are not comparable. Draw the samples with eval_size={rh} (the sampler's bicubic "
+            f"resize, as MGVQ does for 256px numbers), or set allow_size_mismatch=true to score them anyway")
+    return samples_size, reference_size
+
+
 def sha256_images(path: str | os.PathLike, progress: bool = False) -> str:
     """Content hash of an .npz file or an image folder (relative names and bytes of every image)."""
     path = Path(path)
@@ -202,40 +279,61 @@ def _socket_timeout(seconds: float):
 @contextlib.contextmanager
 def _exact_float32_convs():
     """cuDNN runs float32 convolutions in TF32 (10-bit mantissa) by default, which shifts the features."""
-    conv = torch.backends.cudnn.conv
-    previous = conv.fp32_precision
-    conv.fp32_precision = "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        owner, name, exact = conv, "fp32_precision", "ieee"
+    else:  # older torch: the one switch for every cuDNN op
+        owner, name, exact = torch.backends.cudnn, "allow_tf32", False
+    previous = getattr(owner, name)
+    setattr(owner, name, exact)
     try:
         yield
     finally:
-        conv.fp32_precision = previous
+        setattr(owner, name, previous)
+
+
+def spatial_features(branch1x1: torch.Tensor) -> torch.Tensor:
+    """Mixed_6d.branch1x1's output (B, 192, 17, 17) -> ADM's sFID features (B, 17 * 17 * 7 = 2023) float32.
+
+    ADM slices TF's NHWC tensor mixed_6/conv:0 to [..., :7] and flattens each image, i.e. in (h, w, c) order.
+    """
+    return branch1x1[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(branch1x1.shape[0], -1).float()
+
+
+FEATURE_DIMS = {POOL: 2048, SPATIAL: 17 * 17 * SPATIAL_CHANNELS}
 
 
 @dataclass
 class Reference:
-    """What the metrics need from the reference: pool features (PRC, KID, FID) and/or stored FID stats."""
-    pool: torch.Tensor | None  # (N_ref, 2048) float32
-    stats: dict | None  # ADM's {"mu": (2048,) float32, "sigma": (2048, 2048) float64}
+    """What the metrics need from the reference: its features (PRC, KID, FID, sFID) and/or stored statistics."""
+    features: dict[str, torch.Tensor]  # {POOL: (N_ref, 2048), SPATIAL: (N_ref, 2023)} float32; {} when unused
+    stats: dict[str, dict]  # ADM's stored {"fid": {"mu", "sigma"}, "sfid": {...}}, the metrics it has them for
     sha256: str
 
     @property
     def num_images(self) -> int:
-        return 0 if self.pool is None else self.pool.shape[0]
+        return len(self.features[POOL]) if self.features else 0
 
 
-def adm_stats(path: str | os.PathLike) -> dict | None:
-    """ADM reference statistics stored in an .npz (`mu`, `sigma`), in torch-fidelity's dtypes."""
+def adm_stats(path: str | os.PathLike) -> dict[str, dict]:
+    """ADM reference statistics stored in an .npz, in torch-fidelity's dtypes: {"fid": {"mu": (2048,),
+    "sigma": (2048, 2048)}} from mu/sigma, {"sfid": ...} (2023 features) from mu_s/sigma_s, where present."""
     path = Path(path)
-    if path.is_dir() or not {"mu", "sigma"} <= set(npz_members(path)):
-        return None
-    with np.load(path) as npz:
-        mu, sigma = npz["mu"], npz["sigma"]
-    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
-        raise ValueError(f"{path}: mu/sigma must be (2048,) and (2048, 2048) Inception pool statistics, "
-                         f"got {mu.shape} and {sigma.shape}")
-    # torch-fidelity's own statistics are float32 means (of float32 features) and float64 covariances
-    # (np.cov), and fid_statistics_to_metric insists both sides share those dtypes
-    return {"mu": mu.astype(np.float32), "sigma": sigma.astype(np.float64)}
+    members = set() if path.is_dir() else set(npz_members(path))
+    out = {}
+    for metric, (mu_key, sigma_key) in STORED_STATS.items():
+        if not {mu_key, sigma_key} <= members:
+            continue
+        with np.load(path) as npz:
+            mu, sigma = npz[mu_key], npz[sigma_key]
+        d = FEATURE_DIMS[FRECHET_FEATURES[metric]]
+        if mu.shape != (d,) or sigma.shape != (d, d):
+            raise ValueError(f"{path}: {mu_key}/{sigma_key} must be ({d},) and ({d}, {d}) statistics, "
+                             f"got {mu.shape} and {sigma.shape}")
+        # torch-fidelity's own statistics are float32 means (of float32 features) and float64 covariances
+        # (np.cov), and fid_statistics_to_metric insists both sides share those dtypes
+        out[metric] = {"mu": mu.astype(np.float32), "sigma": sigma.astype(np.float64)}
+    return out
 
 
 def reference_has_images(path: str | os.PathLike) -> bool:
@@ -244,22 +342,34 @@ def reference_has_images(path: str | os.PathLike) -> bool:
 
 def reference_cache_key(reference_sha256: str, weights_sha256: str) -> str:
     """Names the cached reference features by everything they depend on: data, weights, extractor code."""
-    return (f"ref-{reference_sha256[:16]}-w{weights_sha256[:16]}-{FEATURE_EXTRACTOR}-{POOL}"
+    spatial = f"{SPATIAL.replace('/', '_')}{SPATIAL_CHANNELS}"
+    return (f"ref-{reference_sha256[:16]}-w{weights_sha256[:16]}-{FEATURE_EXTRACTOR}-{POOL}-{spatial}"
             f"-tf{torch_fidelity.__version__}")
 
 
-def adm_isc_splits(num_samples: int) -> int:
-    """ADM scores IS over contiguous chunks of 5000 samples: 10 splits for 50k."""
-    return max(1, num_samples // ADM_IS_SPLIT_SIZE)
+def inception_score(logits: torch.Tensor, split_size: int = ADM_IS_SPLIT_SIZE) -> tuple[float, float]:
+    """ADM's IS: logits (N, C) -> mean and std over consecutive chunks of `split_size` samples, the last one
+    partial (12k samples: 5000 + 5000 + 2000), of exp(mean over the chunk of KL(p(y|x) || the chunk's p(y))).
+
+    torch-fidelity's isc_features_to_metric splits into equal parts instead (12k: 2 x 6000).
+    """
+    logits = logits.double()
+    scores = []
+    for chunk in logits.split(split_size):  # (n <= split_size, C)
+        log_p = chunk.log_softmax(1)
+        p = log_p.exp()
+        kl = (p * (log_p - p.mean(0, keepdim=True).log())).sum(1)  # (n,)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 def check_sizes(cfg: EvalConfig, num_samples: int, num_reference: int | None) -> None:
     """Fail before the long extraction on sizes torch-fidelity rejects late or turns into NaN silently."""
     problems = []
-    if cfg.fid and num_samples < 2:
-        problems.append(f"FID needs at least 2 samples, got {num_samples}")
-    if cfg.isc and cfg.isc_splits > num_samples:
-        problems.append(f"isc_splits={cfg.isc_splits} exceeds the {num_samples} samples (IS would be NaN)")
+    if (cfg.fid or cfg.sfid) and num_samples < 2:
+        problems.append(f"FID and sFID need at least 2 samples, got {num_samples}")
+    if cfg.isc and cfg.isc_split_size < 1:
+        problems.append(f"isc_split_size={cfg.isc_split_size}: expected at least 1 sample per chunk")
     for name, n in (("samples", num_samples), ("reference images", num_reference)):
         if n is None:
             continue
@@ -276,23 +386,21 @@ def compute_metrics(cfg: EvalConfig, feats: dict[str, torch.Tensor], ref: Refere
     """The metrics `cfg` asks for, from sample features and the reference (pure computation, seconds)."""
     out = {}
     pool = feats[POOL]  # (N, 2048)
-    if cfg.fid:
-        ref_stats = ref.stats if ref.stats is not None else fid_features_to_statistics(ref.pool)
-        fid = fid_statistics_to_metric(fid_features_to_statistics(pool), ref_stats, verbose=False)
-        out["fid"] = fid[torch_fidelity.KEY_METRIC_FID]
+    for metric, layer in FRECHET_FEATURES.items():  # fid, sfid
+        if getattr(cfg, metric):
+            ref_stats = ref.stats.get(metric) or fid_features_to_statistics(ref.features[layer])
+            fid = fid_statistics_to_metric(fid_features_to_statistics(feats[layer]), ref_stats, verbose=False)
+            out[metric] = fid[torch_fidelity.KEY_METRIC_FID]
     if cfg.isc:
-        splits = cfg.isc_splits or adm_isc_splits(len(feats[LOGITS]))
-        isc = isc_features_to_metric(feats[LOGITS], splits=splits, shuffle=False)
-        out["inception_score"] = isc[torch_fidelity.KEY_METRIC_ISC_MEAN]
-        out["inception_score_std"] = isc[torch_fidelity.KEY_METRIC_ISC_STD]
+        out["inception_score"], out["inception_score_std"] = inception_score(feats[LOGITS], cfg.isc_split_size)
     if cfg.prc:
         # chunked distances (save_cpu_ram): the full-matrix path needs tens of GB at 50k
-        prc = prc_features_to_metric(pool, ref.pool, prc_neighborhood=cfg.prc_neighborhood, save_cpu_ram=True,
-                                     verbose=False)
+        prc = prc_features_to_metric(pool, ref.features[POOL], prc_neighborhood=cfg.prc_neighborhood,
+                                     save_cpu_ram=True, verbose=False)
         out["precision"] = prc[torch_fidelity.KEY_METRIC_PRECISION]
         out["recall"] = prc[torch_fidelity.KEY_METRIC_RECALL]
     if cfg.kid:
-        kid = kid_features_to_metric(pool, ref.pool, kid_subsets=cfg.kid_subsets,
+        kid = kid_features_to_metric(pool, ref.features[POOL], kid_subsets=cfg.kid_subsets,
                                      kid_subset_size=cfg.kid_subset_size, rng_seed=cfg.seed, verbose=False)
         out["kid"] = kid[torch_fidelity.KEY_METRIC_KID_MEAN]
         out["kid_std"] = kid[torch_fidelity.KEY_METRIC_KID_STD]
@@ -319,65 +427,80 @@ class Evaluator:
             extractor = create_feature_extractor(FEATURE_EXTRACTOR, layers, cuda=False, verbose=False,
                                                  feature_extractor_weights_path=str(self.weights))
         self.extractor = extractor.to(self.device)
+        # sFID's features come from inside the network, in the same pass as the pool features and logits
+        self._spatial: torch.Tensor | None = None
+        self.extractor.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output: torch.Tensor) -> None:
+        self._spatial = spatial_features(output)  # (B, 2023)
 
     @torch.no_grad()
     def features(self, images: Dataset, desc: str = "inception") -> dict[str, torch.Tensor]:
-        """Features of every image, in order: {"2048": (N, 2048), "logits_unbiased": (N, 1008)} float32."""
+        """Features of every image, in order: {"2048": (N, 2048), "mixed_6/conv": (N, 2023),
+        "logits_unbiased": (N, 1008) when cfg.isc} float32."""
         cuda = self.device.type == "cuda"
         loader = DataLoader(images, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
                             pin_memory=cuda)
-        out = {name: [] for name in self.extractor.get_requested_features_list()}
+        out = {name: [] for name in [*self.extractor.get_requested_features_list(), SPATIAL]}
         with tqdm(total=len(images), unit="img", desc=desc, disable=not self.cfg.progress) as bar, \
                 _exact_float32_convs():
             for batch in loader:  # (B, 3, H, W) uint8
+                self._spatial = None
                 feats = self.extractor(batch.to(self.device, non_blocking=cuda))
                 for name, f in self.extractor.convert_features_tuple_to_dict(feats).items():
                     out[name].append(f.cpu())
+                out[SPATIAL].append(self._spatial.cpu())
                 bar.update(batch.shape[0])
         return {name: torch.cat(fs) for name, fs in out.items()}
 
-    def reference(self, path: str | os.PathLike, stats: dict | None, need_images: bool) -> Reference:
+    def reference(self, path: str | os.PathLike, stats: dict[str, dict], need_images: bool) -> Reference:
         """The reference, memoised: a sweep scores many sample sets against one."""
         key = (str(path), need_images)
         if key not in self._references:
             self._references[key] = self._load_reference(path, stats, need_images)
         return self._references[key]
 
-    def _load_reference(self, path: str | os.PathLike, stats: dict | None, need_images: bool) -> Reference:
-        """Pool features of the reference images when needed, cached on disk (see reference_cache_key)."""
+    def _load_reference(self, path: str | os.PathLike, stats: dict[str, dict], need_images: bool) -> Reference:
+        """Pool and spatial features of the reference images when needed, cached on disk (reference_cache_key)."""
         sha = sha256_images(path, self.cfg.progress)
         if not need_images:
-            return Reference(pool=None, stats=stats, sha256=sha)
+            return Reference(features={}, stats=stats, sha256=sha)
         cache = self.cache_root / (reference_cache_key(sha, self.weights_sha256) + ".pt")
         if cache.is_file():
-            return Reference(pool=torch.load(cache, weights_only=True)["pool"], stats=stats, sha256=sha)
-        pool = self.features(open_images(path), desc="inception (reference)")[POOL]
+            cached = torch.load(cache, weights_only=True)
+            return Reference(features={POOL: cached["pool"], SPATIAL: cached["spatial"]}, stats=stats, sha256=sha)
+        feats = self.features(open_images(path), desc="inception (reference)")
         with atomic_path(cache) as tmp:
-            torch.save({"pool": pool, "reference": str(path), "reference_sha256": sha,
-                        "weights_sha256": self.weights_sha256}, tmp)
-        return Reference(pool=pool, stats=stats, sha256=sha)
+            torch.save({"pool": feats[POOL], "spatial": feats[SPATIAL], "reference": str(path),
+                        "reference_sha256": sha, "weights_sha256": self.weights_sha256}, tmp)
+        return Reference(features={POOL: feats[POOL], SPATIAL: feats[SPATIAL]}, stats=stats, sha256=sha)
 
     def evaluate(self, samples: str | os.PathLike, reference: str | os.PathLike) -> dict:
         """Metrics of a sample file or folder against a reference, with every setting that produced them."""
         cfg = self.cfg
-        if not (cfg.fid or cfg.isc or cfg.prc or cfg.kid):
-            raise ValueError("no metric requested: set at least one of fid, isc, prc, kid")
+        if not (cfg.fid or cfg.sfid or cfg.isc or cfg.prc or cfg.kid):
+            raise ValueError("no metric requested: set at least one of fid, sfid, isc, prc, kid")
         images = open_images(samples)
         if not Path(reference).exists():
             raise FileNotFoundError(f"no such reference file or image folder: {reference}")
         stats = adm_stats(reference)
-        need_ref_images = cfg.prc or cfg.kid or (cfg.fid and stats is None)
+        unstored = [m for m in STORED_STATS if getattr(cfg, m) and m not in stats]
+        need_ref_images = cfg.prc or cfg.kid or bool(unstored)
         if need_ref_images and not reference_has_images(reference):
-            raise ValueError(f"{reference} holds no images (arr_0), only statistics: precision, recall and KID "
-                             f"need the reference images (set prc=false kid=false)")
+            raise ValueError(f"{reference} holds no images (arr_0) and not every statistic: precision, recall, KID "
+                             f"and {' and '.join(unstored) or 'FID'} without stored statistics need the reference "
+                             f"images (set prc=false kid=false{''.join(f' {m}=false' for m in unstored)})")
         check_sizes(cfg, len(images), len(open_images(reference)) if need_ref_images else None)
+        sizes = check_resolution(samples, reference, cfg.allow_size_mismatch)
         ref = self.reference(reference, stats, need_ref_images)
         feats = self.features(images, desc="inception (samples)")
         settings = asdict(cfg) | {
             "samples": str(samples), "reference": str(reference),
             "num_samples": len(images), "num_reference_images": ref.num_images,
-            "fid_reference": "stored mu/sigma" if ref.stats is not None else "reference images",
-            "isc_splits": cfg.isc_splits or adm_isc_splits(len(images)), "isc_shuffle": False,
+            "sample_size": list(sizes[0]), "reference_size": sizes[1] and list(sizes[1]),  # [H, W]
+            **{f"{m}_reference": f"stored {'/'.join(STORED_STATS[m])}" if m in ref.stats else "reference images"
+               for m in STORED_STATS},
+            "isc_chunks": -(-len(images) // cfg.isc_split_size), "isc_shuffle": False,
             "reference_sha256": ref.sha256, "inception_weights": str(self.weights),
             "inception_weights_sha256": self.weights_sha256, "feature_extractor": FEATURE_EXTRACTOR,
             "torch_fidelity": torch_fidelity.__version__, "device": str(self.device),

@@ -1,14 +1,15 @@
 """From class labels to uint8 images, and from there to an ADM sample file on one or many processes.
 
 `Sampler` = GPT + MGVQ tokenizer + settings: labels and seeds -> codes (sampling.generate) -> decode -> uint8
-(rounded as LlamaGen/MGVQ) -> bicubic resize to `eval_size` (PIL, as MGVQ's evaluation). Sample i always has
+(rounded as LlamaGen/MGVQ) -> bicubic resize down to `eval_size` (PIL, as MGVQ's evaluation). Sample i always has
 label i mod num_classes and seed (seed, i), so any subset of indices can be drawn anywhere, in any batch.
 
-`write_samples` draws indices [0, N) in fixed batches of `batch_size` consecutive indices, dealt round-robin
-to the processes: a batch holds the same samples whatever the number of processes, and a rerun after a kill
-redoes only the batches with missing PNGs. The main process then packs the PNGs into `.npz` (arr_0 uint8
-(N,H,W,3), labels int64 (N,)), stored uncompressed with fixed zip timestamps, so it can be memory-mapped and
-equal runs give byte-identical files, plus a JSON sidecar with every setting and the checkpoints' hashes.
+`write_samples` draws indices [0, N) in fixed batches of `batch_size` consecutive indices, batch b dealt to
+process b mod world: a batch holds the same samples whatever the number of processes, the deal does not depend
+on what any process sees on disk, and a rerun after a kill redoes only the batches with missing PNGs. The main
+process then packs the PNGs into `.npz` (arr_0 uint8 (N,H,W,3), labels int64 (N,)), stored uncompressed with
+fixed zip timestamps, so it can be memory-mapped and equal runs give byte-identical files, plus a JSON sidecar
+with every setting and the checkpoints' hashes.
 "Equal runs" means equal settings on the same kind of device with the same intra-op thread count per process:
 on CPU the thread count changes the order of float reductions, which can move a decoded pixel across a rounding
 boundary (one pixel off by 1 was seen between 1 and 2 threads).
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from gpt import GPT, GPTConfig, load_gpt
 from sampling.generate import CFG_SCHEDULES, generate
 from tokenizer import MGVQ, TokenizerRef
+from tokenizer.families import group_sizes
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.common.settings import refuse_mismatch
@@ -41,7 +43,7 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: no wall-clock time in the file
 class SamplerConfig:
     """How a sampler samples (conf/sampler/default.yaml). Every field is recorded in the sample file's sidecar."""
 
-    cfg_scale: float = 2.0
+    cfg_scale: Any = 2.0  # a number or one per group (Open-MAGVIT2 XL: [1.75, 1.85])
     cfg_interval: float = -1  # LlamaGen's: guidance off at positions t > cfg_interval + 1; -1 never
     cfg_schedule: str = "constant"  # constant | linear (ramp from 1 at the first position to cfg_scale at the last)
     temperature: Any = 1.0  # a number or one per group
@@ -49,7 +51,9 @@ class SamplerConfig:
     top_k_log2: bool = False  # read top_k as MGVQ's --top-k exponent: 12 -> k = 4096, 0 -> k = 1
     top_p: Any = 1.0  # a number or one per group; 1.0: no filtering
     groups_to_use: Optional[int] = None  # decode with the first n groups only (MGVQ coarse-to-fine); None: all
-    eval_size: Optional[int] = None  # resize (bicubic) to this side, e.g. 384 -> 256 for FID; None: keep
+    # resize larger images down (bicubic) to this side, e.g. 384 -> 256 for FID, as MGVQ; smaller ones are kept.
+    # None: keep (the library and demo default; the FID sample runs, conf/sample.yaml and sweep_cfg.yaml, say 256)
+    eval_size: Optional[int] = None
     seed: int = 0  # sample i draws from the random stream of seed (seed, i)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the GPT; logits, sampling and the decoder stay fp32)
     compile: bool = False  # torch.compile the GPT's decode step (CUDA graphs on GPU)
@@ -70,8 +74,10 @@ class ModelFiles:
     tokenizer: TokenizerRef  # the hydra `tokenizer` group; tokenizer.checkpoint is required
     # Official-layout GPT checkpoints store no config. MGVQ: their ModelArgs fields, e.g. GPT-XXL at 384px
     # {dim: 1536, n_layer: 48, n_head: 24, block_size: 576}; vocab_size, codebook_groups and codebook_embed_dim
-    # default to the tokenizer's. LlamaGen c2i / IBQ-AR: {preset: gpt_b} or {preset: ibq_ar_b} (grid_size: 16 by
-    # default; the codebook size is the tokenizer's). None: the file's own config (this project's model files).
+    # default to the tokenizer's. With an Open-MAGVIT2 tokenizer: its AR yaml's transformer_config.params, e.g.
+    # AR-XL {spatial_n_layer: 48, factorized_n_layer: 4, n_head: 24, dim: 1536}; factorized_bits default to the
+    # tokenizer's. LlamaGen c2i / IBQ-AR: {preset: gpt_b} or {preset: ibq_ar_b} (grid_size: 16 by default; the
+    # codebook size is the tokenizer's). None: the file's own config (this project's model files).
     gpt_official: Optional[dict[str, Any]] = None
 
 
@@ -88,14 +94,15 @@ def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[
     config, t = None, tokenizer.config
     if files.gpt_official is not None and "preset" in files.gpt_official:
         config = GPTConfig.single_codebook(codebook_size=t.codes_per_group, **files.gpt_official)
+    elif files.gpt_official is not None and files.tokenizer.family == "open_magvit2":
+        config = GPTConfig.from_open_magvit2({"factorized_bits": t.factorized_bits, **files.gpt_official})
     elif files.gpt_official is not None:
         config = GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
                                           "codebook_embed_dim": t.latent_channels, **files.gpt_official})
     gpt = load_gpt(files.gpt_ckpt, config, codebook=tokenizer.codebook())
-    c = gpt.config
-    if (c.codebook_groups, c.codebook_size) != (t.codebook_groups, t.codes_per_group):
-        raise ValueError(f"{files.gpt_ckpt} samples {c.codebook_groups} groups x {c.codebook_size} codes but the "
-                         f"tokenizer {files.tokenizer.checkpoint} has {t.codebook_groups} x {t.codes_per_group}")
+    if gpt.config.group_sizes != group_sizes(t):
+        raise ValueError(f"{files.gpt_ckpt} samples groups of {gpt.config.group_sizes} codes but the tokenizer "
+                         f"{files.tokenizer.checkpoint} has groups of {group_sizes(t)}")
     return gpt.to(device), tokenizer.to(device)
 
 
@@ -105,8 +112,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> (B, size, size, 3) with PIL's bicubic (antialiased), as MGVQ's FID samples."""
-    if images.shape[1:3] == (size, size):
+    """uint8 (B, H, W, 3) -> (B, size, size, 3) with PIL's bicubic (antialiased), as MGVQ's FID samples.
+
+    Images no larger than `size` are returned as they are: upscaling adds no detail, and the evaluation
+    refuses samples whose size differs from the reference's.
+    """
+    if max(images.shape[1:3]) <= size:
         return images
     return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
 
@@ -222,14 +233,15 @@ def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike
             stale.unlink()
         if not made_by.is_file():
             write_json_atomic(made_by, identity)
-    _barrier(accelerator)  # every rank lists the PNGs before any rank writes one
+    _barrier(accelerator)  # the PNG folder exists and holds no stale part-written file
 
-    starts = range(0, num_samples, batch_size)
-    todo = [s for s in starts if not all(png_path(png_dir, i).is_file() for i in range(s, min(s + batch_size, num_samples)))]
-    left = sum(min(s + batch_size, num_samples) - s for s in todo)
-    bar = tqdm(total=num_samples, initial=num_samples - left, unit="img", dynamic_ncols=True, disable=not is_main,
-               desc=f"sample x{world}" if world > 1 else "sample")
-    for s in todo[rank::world]:
+    # Batch b belongs to rank b mod world, fixed before anything is listed: each rank lists only its own batches,
+    # so a rank that lists late (another rank already finished batches) still draws exactly its share.
+    mine = [s for s in range(rank * batch_size, num_samples, world * batch_size)
+            if not all(png_path(png_dir, i).is_file() for i in range(s, min(s + batch_size, num_samples)))]
+    bar = tqdm(total=sum(min(s + batch_size, num_samples) - s for s in mine), unit="img", dynamic_ncols=True,
+               disable=not is_main, desc=f"sample (rank 0 of {world})" if world > 1 else "sample")
+    for s in mine:
         indices = torch.arange(s, min(s + batch_size, num_samples))
         _, images = sampler.sample_indices(indices)
         for i, image in zip(indices.tolist(), images):
@@ -237,7 +249,7 @@ def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike
             if not path.is_file():
                 with atomic_path(path) as tmp:
                     Image.fromarray(image).save(tmp, format="PNG")
-        bar.update(min(len(indices) * world, bar.total - bar.n))  # every rank works on a batch meanwhile
+        bar.update(len(indices))
     bar.close()
     _barrier(accelerator)
 

@@ -21,7 +21,7 @@ from sampling.sampler import ModelFiles, Sampler, SamplerConfig, write_samples
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 from tokenizer.common.settings import refuse_mismatch
 
-COLUMNS = ["cfg_scale", "top_k", "fid", "inception_score", "inception_score_std", "precision", "recall", "kid",
+COLUMNS = ["cfg_scale", "top_k", "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid",
            "kid_std", "num_samples", "samples"]
 
 
@@ -49,7 +49,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def plot(path: Path, rows: list[dict]) -> None:
+def top_k_label(top_k: int, top_k_log2: bool) -> str:
+    """The legend of a top-k line: 0 is "no top-k" only where it is k itself (MGVQ's exponent 0 is k = 1)."""
+    if top_k_log2:
+        return f"top-k 2^{top_k}"
+    return "no top-k" if top_k == 0 else f"top-k {top_k}"
+
+
+def plot(path: Path, rows: list[dict], top_k_log2: bool = False) -> None:
     """FID and IS against the CFG scale, one line per top-k."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 
@@ -58,7 +65,7 @@ def plot(path: Path, rows: list[dict]) -> None:
     for top_k in sorted({r["top_k"] for r in rows}):
         line = sorted((r for r in rows if r["top_k"] == top_k), key=lambda r: r["cfg_scale"])
         scales = [r["cfg_scale"] for r in line]
-        label = "no top-k" if top_k == 0 else f"top-k {top_k}"
+        label = top_k_label(top_k, top_k_log2)
         ax_fid.plot(scales, [r.get("fid", float("nan")) for r in line], marker="o", label=label)
         ax_is.plot(scales, [r.get("inception_score", float("nan")) for r in line], marker="o", label=label)
     for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
@@ -107,7 +114,7 @@ def sweep(cfg: SweepConfig, draw: Callable[[float, int, Path], Path], identity: 
                 rows.append({"cfg_scale": cfg_scale, "top_k": top_k, **metrics, "num_samples": cfg.num_samples,
                              "samples": str(point / "samples.npz")})
                 write_csv(out_dir / "sweep.csv", rows)  # partial results are readable while the sweep runs
-                plot(out_dir / "sweep.png", rows)
+                plot(out_dir / "sweep.png", rows, cfg.sampler.top_k_log2)
     return rows
 
 
@@ -139,4 +146,5 @@ def run(cfg: SweepConfig) -> list[dict]:
 def report(rows: list[dict]) -> None:
     for r in rows:
         print(f"cfg_scale {r['cfg_scale']:g} top_k {r['top_k']}: "
-              + ", ".join(f"{k} {r[k]:.4g}" for k in ("fid", "inception_score", "precision", "recall") if k in r))
+              + ", ".join(f"{k} {r[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall")
+                          if k in r))

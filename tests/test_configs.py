@@ -44,11 +44,12 @@ def test_conf_holds_exactly_the_schema_fields(repo, name, hydra_presets):
 
 
 def test_sampler_settings_are_written_once(repo, hydra_presets):
-    """The three sampling entry points compose the same sampler group; the demo only raises the guidance."""
+    """The three sampling entry points compose the same sampler group; the demo only raises the guidance, and
+    the FID sample files (sample, sweep) are resized down to 256, as MGVQ scores ImageNet-256."""
     settings = {name: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SamplerConfig),
                                                           composed(repo, name).sampler))
                 for name in ("sample", "demo_gen", "sweep_cfg")}
-    assert settings["sample"] == settings["sweep_cfg"] == SamplerConfig()
+    assert settings["sample"] == settings["sweep_cfg"] == dataclasses.replace(SamplerConfig(), eval_size=256)
     assert settings["demo_gen"] == dataclasses.replace(SamplerConfig(), cfg_scale=4.0)
 
 

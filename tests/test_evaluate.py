@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,21 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from sampling.metrics import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILE,
+    SPATIAL,
     EvalConfig,
     Evaluator,
     FolderImages,
     NpzImages,
-    adm_isc_splits,
+    Reference,
+    _exact_float32_convs,
+    adm_stats,
+    check_resolution,
     check_sizes,
+    check_torch_fidelity,
     compute_metrics,
+    inception_score,
     metrics_path,
+    npz_shape,
     reference_cache_key,
     resolve_inception_weights,
     run,
@@ -36,7 +44,7 @@ from sampling.metrics import (
 )
 from gpt import GPT, GPTConfig
 import sampling.sweep as sweep_module
-from sampling.sampler import SamplerConfig
+from sampling.sampler import SamplerConfig, resize_bicubic
 from tokenizer import MGVQConfig, TokenizerRef
 from tokenizer.common.io import sha256_file
 
@@ -212,19 +220,39 @@ def test_cache_key_changes_with_the_reference_and_the_weights(tmp_path, image_se
     assert sha256_images(tmp_path / "folder") != folder_sha
 
 
-def test_inception_score_uses_adm_contiguous_unshuffled_splits():
-    assert [adm_isc_splits(n) for n in (1, 4999, 5000, 12000, 50000)] == [1, 1, 1, 2, 10]
-    # 10k samples = 2 splits of 5000: confident logits first, flat ones after, as class-ordered samples are
+def _adm_chunk_scores(logits: np.ndarray, bounds: list[tuple[int, int]]) -> list[float]:
+    """ADM's evaluator by hand: softmax, then per chunk exp(mean KL(p(y|x) || mean p(y))) (float64 here)."""
+    scores = []
+    for lo, hi in bounds:
+        part = np.exp(logits[lo:hi] - logits[lo:hi].max(1, keepdims=True))
+        part /= part.sum(1, keepdims=True)
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(math.exp(np.mean(np.sum(kl, 1))))
+    return scores
+
+
+def test_inception_score_of_12000_samples_is_adm_three_chunks_5000_5000_2000():
+    # three populations of different sharpness, in the chunks ADM cuts: IS depends on where the cuts fall
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(10000, 1008, generator=g)
-    logits[:5000, :50] += 12 * torch.eye(50).repeat(100, 1)
-    cfg = EvalConfig(samples="", reference="", fid=False, prc=False)
-    got = compute_metrics(cfg, {"2048": torch.zeros(10000, 2048), "logits_unbiased": logits}, None)
-    mean, std = _inception_score(logits.numpy(), splits=2)
-    assert got["inception_score"] == pytest.approx(mean, rel=1e-9) and mean > 5
-    assert got["inception_score_std"] == pytest.approx(std, rel=1e-9) and std > 1
-    shuffled = isc_features_to_metric(logits, splits=2, shuffle=True)  # torch-fidelity's default
-    assert shuffled["inception_score_std"] < 0.1 * std
+    logits = torch.randn(12000, 1008, generator=g, dtype=torch.float64)
+    logits[:5000, :50] += 12 * torch.eye(50, dtype=torch.float64).repeat(100, 1)
+    logits[5000:10000, :500] += 4 * torch.eye(500, dtype=torch.float64).repeat(10, 1)
+    cfg = EvalConfig(samples="", reference="", fid=False, sfid=False, prc=False)
+    got = compute_metrics(cfg, {"2048": torch.zeros(12000, 2048), "logits_unbiased": logits.float()}, None)
+
+    scores = _adm_chunk_scores(logits.float().double().numpy(), [(0, 5000), (5000, 10000), (10000, 12000)])
+    assert got["inception_score"] == pytest.approx(np.mean(scores), rel=1e-9)
+    assert got["inception_score_std"] == pytest.approx(np.std(scores), rel=1e-9)
+    assert min(scores) < 2 < 40 < max(scores)  # the chunks really differ
+    equal_halves, _ = _inception_score(logits.float().numpy(), splits=2)  # torch-fidelity's 2 x 6000
+    assert abs(equal_halves - got["inception_score"]) > 1
+
+    # where N is a multiple of 5000 the chunks are torch-fidelity's equal, unshuffled splits
+    tf = isc_features_to_metric(logits[:10000].float(), splits=2, shuffle=False)
+    mean, std = inception_score(logits[:10000].float())
+    assert (mean, std) == pytest.approx((tf["inception_score_mean"], tf["inception_score_std"]), rel=1e-12)
+    assert inception_score(logits[:7], split_size=3)[0] == pytest.approx(
+        np.mean(_adm_chunk_scores(logits[:7].numpy(), [(0, 3), (3, 6), (6, 7)])), rel=1e-12)
 
 
 def test_sizes_are_checked_before_any_extraction(image_sets, inception_weights, cache_root, monkeypatch):
@@ -232,8 +260,10 @@ def test_sizes_are_checked_before_any_extraction(image_sets, inception_weights, 
     check_sizes(cfg, 10, 10)
     with pytest.raises(ValueError, match="kid_subset_size=10 exceeds the 9 reference images"):
         check_sizes(cfg, 10, 9)
-    with pytest.raises(ValueError, match="isc_splits=11 exceeds the 10 samples"):
-        check_sizes(EvalConfig(samples="", reference="", isc_splits=11), 10, 10)
+    with pytest.raises(ValueError, match="isc_split_size=0"):
+        check_sizes(EvalConfig(samples="", reference="", isc_split_size=0), 10, 10)
+    with pytest.raises(ValueError, match="sFID need at least 2 samples"):
+        check_sizes(EvalConfig(samples="", reference="", fid=False, prc=False), 1, None)
     with pytest.raises(ValueError, match="more than 3 samples, got 3"):
         check_sizes(EvalConfig(samples="", reference=""), 3, 10)
 
@@ -254,6 +284,9 @@ def test_evaluate_end_to_end(image_sets, inception_weights, cache_root, features
 
     assert m["fid"] == pytest.approx(_fid(gen["2048"].numpy(), ref["2048"].numpy()), rel=1e-5)
     assert m["fid"] > 0.1
+    assert gen[SPATIAL].shape == (N, 2023)
+    assert m["sfid"] == pytest.approx(_fid(gen[SPATIAL].numpy(), ref[SPATIAL].numpy()), rel=1e-5)
+    assert m["sfid"] > 0.1 and m["sfid"] != pytest.approx(m["fid"], rel=0.01)
     mean, std = _inception_score(gen["logits_unbiased"].numpy(), splits=1)
     assert m["inception_score"] == pytest.approx(mean, rel=1e-9, abs=1e-12) and m["inception_score"] > 1
     precision, recall = _precision_recall(gen["2048"].numpy(), ref["2048"].numpy())
@@ -262,20 +295,22 @@ def test_evaluate_end_to_end(image_sets, inception_weights, cache_root, features
     assert math.isfinite(m["kid"]) and m["kid"] > 0
 
     assert s["num_samples"] == N and s["num_reference_images"] == N
-    assert s["isc_splits"] == 1 and s["isc_shuffle"] is False
-    assert s["fid_reference"] == "reference images" and s["kid_subset_size"] == 6
+    assert s["isc_chunks"] == 1 and s["isc_split_size"] == 5000 and s["isc_shuffle"] is False
+    assert s["fid_reference"] == s["sfid_reference"] == "reference images" and s["kid_subset_size"] == 6
+    assert s["sample_size"] == s["reference_size"] == [32, 32]
     assert s["inception_weights_sha256"] == sha256_file(inception_weights)
     assert s["reference_sha256"] == sha256_file(image_sets["ref"])
     assert s["torch_fidelity"] == torch_fidelity.__version__
     cached = list(cache_root.iterdir())
     assert [c.name for c in cached] == [reference_cache_key(s["reference_sha256"], s["inception_weights_sha256"]) + ".pt"]
     assert torch.equal(torch.load(cached[0], weights_only=True)["pool"], ref["2048"])
+    assert torch.equal(torch.load(cached[0], weights_only=True)["spatial"], ref[SPATIAL])
 
 
 def test_a_set_against_itself_scores_fid_zero_and_full_precision_recall(image_sets, inception_weights,
                                                                         cache_root, tmp_path):
     cfg = _cfg(image_sets, inception_weights, cache_root, samples=str(image_sets["ref"]),
-               out=str(tmp_path / "self.json"))
+               out=str(tmp_path / "self.json"), sfid=False)  # sFID's eigendecomposition: checked elsewhere
     m = run(cfg)["metrics"]
     assert abs(m["fid"]) < 1e-5
     assert m["precision"] == 1.0 and m["recall"] == 1.0
@@ -304,8 +339,8 @@ def test_sweep_samples_scores_plots_and_resumes(tiny_sampler_files, image_sets, 
     cfg = sweep_module.SweepConfig(
         gpt_ckpt=gpt_ckpt, tokenizer=tokenizer, sampler=SamplerConfig(seed=5), out_dir=str(tmp_path / "sweep"), cfg_scales=[1.0, 4.0],
         top_ks=[16], num_samples=N, batch_size=N,
-        # FID's 2048x2048 eigendecomposition costs seconds per setting and is checked above; here IS, PRC
-        evaluate=_cfg(image_sets, inception_weights, cache_root, samples="", fid=False))
+        # FID's and sFID's 2k x 2k eigendecompositions cost seconds per setting and are checked above; here IS, PRC
+        evaluate=_cfg(image_sets, inception_weights, cache_root, samples="", fid=False, sfid=False))
     rows = sweep_module.run(cfg)
 
     with open(tmp_path / "sweep" / "sweep.csv") as f:
@@ -314,7 +349,7 @@ def test_sweep_samples_scores_plots_and_resumes(tiny_sampler_files, image_sets, 
     for row, line, scale in zip(rows, table, cfg.cfg_scales):
         saved = json.loads(metrics_path(row["samples"]).read_text())
         assert float(line["inception_score"]) == saved["metrics"]["inception_score"]
-        assert float(line["recall"]) == saved["metrics"]["recall"] and line["fid"] == ""
+        assert float(line["recall"]) == saved["metrics"]["recall"] and line["fid"] == line["sfid"] == ""
         assert (saved["sampling"]["sampler"]["cfg_scale"], saved["sampling"]["sampler"]["top_k"]) == (scale, 16)
         assert saved["settings"]["num_samples"] == N and math.isfinite(saved["metrics"]["inception_score"])
         data = np.load(row["samples"])
@@ -338,12 +373,13 @@ def test_sweep_samples_scores_plots_and_resumes(tiny_sampler_files, image_sets, 
 
 def test_evaluate_script_scores_fid_against_stored_adm_statistics(repo, image_sets, inception_weights, features,
                                                                   tmp_path):
-    # ADM-style reference: images plus stored mu/sigma of a *different* population (shifted mean), so FID
-    # against the stored statistics differs from FID against the images
+    # ADM-style reference: images plus stored mu/sigma and mu_s/sigma_s of a *different* population (shifted
+    # means), so FID and sFID against the stored statistics differ from those against the images
     ref = features["ref"]["2048"].numpy().astype(np.float64)
-    mu = ref.mean(0) + 0.01
+    ref_s = features["ref"][SPATIAL].numpy().astype(np.float64)
+    mu, mu_s = ref.mean(0) + 0.01, ref_s.mean(0) + 0.01
     np.savez(tmp_path / "adm_ref.npz", arr_0=np.load(image_sets["ref"])["arr_0"], mu=mu,
-             sigma=np.cov(ref, rowvar=False))
+             sigma=np.cov(ref, rowvar=False), mu_s=mu_s, sigma_s=np.cov(ref_s, rowvar=False))
     out = tmp_path / "metrics.json"
     proc = subprocess.run(
         [sys.executable, str(repo / "scripts" / "evaluate.py"), f"samples={image_sets['samples']}",
@@ -356,8 +392,121 @@ def test_evaluate_script_scores_fid_against_stored_adm_statistics(repo, image_se
     want = _fid(features["samples"]["2048"].numpy(), ref, mu2=mu.astype(np.float32))
     assert result["metrics"]["fid"] == pytest.approx(want, rel=1e-5)
     assert want > _fid(features["samples"]["2048"].numpy(), ref) + 0.1
-    assert set(result["metrics"]) == {"fid"}
+    gen_s = features["samples"][SPATIAL].numpy()
+    assert result["metrics"]["sfid"] == pytest.approx(_fid(gen_s, ref_s, mu2=mu_s.astype(np.float32)), rel=1e-5)
+    assert result["metrics"]["sfid"] > _fid(gen_s, ref_s) + 0.1
+    assert set(result["metrics"]) == {"fid", "sfid"}
     s = result["settings"]
-    assert s["fid_reference"] == "stored mu/sigma" and s["num_reference_images"] == 0
+    assert s["fid_reference"] == "stored mu/sigma" and s["sfid_reference"] == "stored mu_s/sigma_s"
+    assert s["num_reference_images"] == 0
     assert s["inception_weights"] == str(inception_weights)  # found through $MGVQ_INCEPTION_WEIGHTS
     assert not (tmp_path / "cache").exists()  # the reference images were not even read
+
+
+def test_sfid_features_are_tf_mixed_6_conv_first_7_channels_in_hwc_order(image_sets, inception_weights, tmp_path):
+    """The hook's features equal ADM's slice of TF's mixed_6/conv, computed by hand from Mixed_6d's input:
+    the 1x1 conv, the batch norm (eps 1e-3), the ReLU, NHWC [..., :7] flattened per image."""
+    ev = Evaluator(_cfg(image_sets, inception_weights, tmp_path, isc=False))
+    block_input = []
+    ev.extractor.Mixed_6d.register_forward_hook(lambda m, i, o: block_input.append(i[0].double()))
+    images = NpzImages(image_sets["samples"])
+    feats = ev.features(torch.utils.data.Subset(images, [0, 7, 9]))
+    x = block_input[0]  # (3, 768, 17, 17): Mixed_6c's output
+    branch = ev.extractor.Mixed_6d.branch1x1
+    y = torch.einsum("oc,bchw->bhwo", branch.conv.weight[:, :, 0, 0].double(), x)  # NHWC, as TF lays it out
+    bn = branch.bn
+    y = (y - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + 1e-3) * bn.weight.double() + bn.bias.double()
+    want = y.clamp(min=0)[..., :7].reshape(3, -1)  # ADM: spatial[..., :7], then reshape([N, -1])
+    assert feats[SPATIAL].shape == (3, 17 * 17 * 7) and feats[SPATIAL].dtype == torch.float32
+    assert torch.allclose(feats[SPATIAL].double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert (want > 0).float().mean() > 0.2  # not a dead layer: the comparison means something
+    assert feats["2048"].shape == (3, 2048) and len(block_input) == 1  # one pass gave both
+
+
+def test_sfid_uses_stored_mu_s_sigma_s_when_present_else_the_reference_images(tmp_path):
+    # 64 features stand in for the 2023 (the formula does not care; a 2023-wide eigendecomposition costs a minute
+    # on a busy CPU): the Frechet distance of the spatial features against the reference images' ...
+    g = torch.Generator().manual_seed(3)
+    gen, real = torch.rand(40, 64, generator=g, dtype=torch.float64), torch.rand(30, 64, generator=g) * 1.2
+    pool = torch.rand(40, 2048, generator=g)
+    cfg = EvalConfig(samples="", reference="", fid=False, isc=False, prc=False)
+    gen = gen.float()
+    from_images = compute_metrics(cfg, {"2048": pool, SPATIAL: gen}, Reference({SPATIAL: real}, {}, ""))["sfid"]
+    assert from_images == pytest.approx(_fid(gen.numpy(), real.numpy()), rel=1e-5)
+    # ... or against stored statistics of another population (shifted mean), which win over the images
+    mu_s = real.double().mean(0).numpy() + 0.05
+    stats = {"sfid": {"mu": mu_s.astype(np.float32), "sigma": np.cov(real.double().numpy(), rowvar=False)}}
+    stored = compute_metrics(cfg, {"2048": pool, SPATIAL: gen}, Reference({SPATIAL: real}, stats, ""))["sfid"]
+    assert stored == pytest.approx(_fid(gen.numpy(), real.numpy(), mu2=mu_s.astype(np.float32)), rel=1e-5)
+    shift = 64 * 0.05**2 - 2 * 0.05 * (gen.double().mean(0) - real.double().mean(0)).sum().item()  # |d - 0.05|^2
+    assert stored == pytest.approx(from_images + shift, rel=1e-5) and abs(shift) > 0.1
+
+    # ADM's reference .npz carries them as mu_s / sigma_s beside mu / sigma and the images
+    sigma_s = np.eye(2023) * 0.5
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=np.ones(2048), sigma=np.eye(2048),
+             mu_s=np.full(2023, 0.25), sigma_s=sigma_s)
+    stats = adm_stats(tmp_path / "ref.npz")
+    assert set(stats) == {"fid", "sfid"} and stats["sfid"]["mu"].dtype == np.float32
+    assert np.array_equal(stats["sfid"]["mu"], np.full(2023, 0.25)) and np.array_equal(stats["sfid"]["sigma"], sigma_s)
+    assert np.array_equal(stats["fid"]["mu"], np.ones(2048))
+    np.savez(tmp_path / "bad.npz", mu_s=np.zeros(100), sigma_s=sigma_s)
+    with pytest.raises(ValueError, match=r"mu_s/sigma_s must be \(2023,\)"):
+        adm_stats(tmp_path / "bad.npz")
+
+
+def test_a_384px_sample_file_against_a_256px_reference_is_refused_and_passes_at_eval_size_256(
+        inception_weights, cache_root, tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "ref256.npz", arr_0=rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8))
+    drawn = rng.integers(0, 256, (3, 384, 384, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s384.npz", arr_0=drawn)
+    assert npz_shape(tmp_path / "ref256.npz") == (3, 256, 256, 3)
+    # IS only: the size check is what is tested, and IS needs neither the reference's features nor an eigensolver
+    cfg = EvalConfig(samples=str(tmp_path / "s384.npz"), reference=str(tmp_path / "ref256.npz"), fid=False,
+                     sfid=False, prc=False, inception_weights=str(inception_weights), cache_root=str(cache_root),
+                     progress=False)
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features extracted before the resolution was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(Evaluator, "features", no_extraction)
+        with pytest.raises(ValueError, match="are 384x384 but the reference .* is 256x256.*eval_size=256"):
+            run(cfg)
+    assert check_resolution(cfg.samples, cfg.reference, allow_mismatch=True) == ((384, 384), (256, 256))
+
+    # what the sampler writes with eval_size=256: the same images resized down (bicubic); smaller ones are kept
+    np.savez(tmp_path / "s256.npz", arr_0=resize_bicubic(drawn, 256))
+    assert resize_bicubic(drawn[:, :64, :64], 256).shape == (3, 64, 64, 3)
+    result = run(dataclasses.replace(cfg, samples=str(tmp_path / "s256.npz")))
+    assert result["settings"]["sample_size"] == result["settings"]["reference_size"] == [256, 256]
+    assert all(math.isfinite(v) for v in result["metrics"].values())
+    assert set(result["metrics"]) == {"inception_score", "inception_score_std"}
+
+    # a reference holding only statistics cannot be checked: said, not silently passed
+    np.savez(tmp_path / "stats_only.npz", mu=np.zeros(2048))
+    with pytest.warns(UserWarning, match="cannot be checked"):
+        assert check_resolution(tmp_path / "s256.npz", tmp_path / "stats_only.npz") == ((256, 256), None)
+
+
+def test_torch_fidelity_pre_releases_and_old_releases_are_refused():
+    for version in ("0.4.0", "0.4.1", "0.10.0", "1.0.0"):
+        check_torch_fidelity(version)
+    for version in ("0.4.0-beta", "0.3.0", "0.3.0-alpha8", "0.4.0rc1", "0.2.0"):
+        with pytest.raises(ImportError, match=f"torch-fidelity {version} .*>= 0.4.0"):
+            check_torch_fidelity(version)
+
+
+def test_exact_float32_convs_falls_back_to_allow_tf32_before_torch_2_9(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "conv", types.SimpleNamespace(), raising=False)  # no fp32_precision
+    before = torch.backends.cudnn.allow_tf32
+    with _exact_float32_convs():
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_sweep_legend_calls_top_k_0_no_top_k_only_without_log2():
+    assert sweep_module.top_k_label(0, top_k_log2=False) == "no top-k"
+    assert sweep_module.top_k_label(4096, top_k_log2=False) == "top-k 4096"
+    assert sweep_module.top_k_label(0, top_k_log2=True) == "top-k 2^0"  # k = 1: greedy, not "no top-k"
+    assert sweep_module.top_k_label(12, top_k_log2=True) == "top-k 2^12"

@@ -6,12 +6,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sampling.sampler import ModelFiles, Sampler, SamplerConfig, sample_seeds, write_samples
 from tokenizer import MGVQConfig, TokenizerRef
@@ -135,3 +138,64 @@ def test_cli_two_ranks_killed_then_resumed_equals_one_process(golden, repo, refe
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "samples.json").read_text())["run"]["num_processes"] == 2  # two ranks really ran
     assert (out / "samples.npz").read_bytes() == reference
+
+
+class _CountingSampler:
+    """Stands in for a Sampler in write_samples: image i is filled with the value i; every draw is recorded."""
+    num_classes, device = 10, torch.device("cpu")
+
+    def __init__(self):
+        self.drawn: list[int] = []
+
+    def settings(self) -> dict:
+        return {"sampler": {"seed": 0}}
+
+    def identity(self) -> dict:
+        return self.settings()
+
+    def sample_indices(self, indices: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        self.drawn += indices.tolist()
+        return indices % 10, np.full((len(indices), 4, 4, 3), indices[:, None, None, None].numpy(), np.uint8)
+
+
+class _Rank:
+    """One process of a run, as write_samples sees it (an accelerator), one thread each. Rank 0 lists the PNGs
+    only after every other rank has drawn all of its batches: what a slow listing of 50k files on NFS does."""
+
+    def __init__(self, rank: int, barrier: threading.Barrier, others_drawn: threading.Barrier):
+        self.process_index, self.num_processes = rank, barrier.parties
+        self.barrier, self.others_drawn, self.calls = barrier, others_drawn, 0
+
+    def wait_for_everyone(self) -> None:
+        self.calls += 1
+        if self.process_index != 0 and self.calls == 2:  # done drawing
+            self.others_drawn.wait()
+        self.barrier.wait()
+        if self.process_index == 0 and self.calls == 1:  # about to list
+            self.others_drawn.wait()
+
+
+@pytest.mark.parametrize("world, finished", [(2, ()), (3, ()), (2, (3,))])
+def test_ranks_listing_at_different_times_draw_every_batch_exactly_once(tmp_path, world, finished):
+    """Rank 0 lists late and sees the other ranks' batches done; the deal must not move under it (before the
+    fix its share moved onto batches nobody drew, and packing the .npz failed)."""
+    n, batch = 21, 2  # 11 batches, the last one partial
+    if finished:  # a batch left by an earlier, killed run: nobody redraws it
+        (tmp_path / "png").mkdir()
+        for b in finished:
+            for i in range(b * batch, (b + 1) * batch):
+                Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(tmp_path / "png" / f"{i:06d}.png")
+    samplers = [_CountingSampler() for _ in range(world)]
+    barrier, others_drawn = threading.Barrier(world, timeout=60), threading.Barrier(world, timeout=60)
+    with ThreadPoolExecutor(world) as pool:
+        runs = [pool.submit(write_samples, samplers[rank], n, tmp_path, batch, _Rank(rank, barrier, others_drawn))
+                for rank in range(world)]
+        for r in runs:
+            r.result()
+    drawn = sorted(i for s in samplers for i in s.drawn)
+    done_before = [i for b in finished for i in range(b * batch, (b + 1) * batch)]
+    assert drawn == sorted(set(range(n)) - set(done_before))  # each sample drawn once, none twice
+    for rank, s in enumerate(samplers):  # batch b on rank b mod world
+        assert {i // batch % world for i in s.drawn} <= {rank}
+    images = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert images.shape == (n, 4, 4, 3) and images[:, 0, 0, 0].tolist() == list(range(n))

@@ -183,8 +183,8 @@ class TokenizerRef:
         return self.checkpoint
 
     def load(self, map_location="cpu"):
-        """The tokenizer in eval mode with gradients off (see tokenizer.loading.load_tokenizer)."""
-        from tokenizer.loading import load_tokenizer
+        """The tokenizer in eval mode with gradients off (see tokenizer.families.load_tokenizer)."""
+        from tokenizer.families import load_tokenizer
 
-        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, map_location,
-                              family=self.family, weights=self.weights)
+        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, self.family,
+                              self.weights, map_location)

@@ -1,4 +1,4 @@
-"""Encode an ImageFolder into a code store with a frozen tokenizer of any family, on one or many processes.
+"""Encode an ImageFolder into a code store with a frozen tokenizer (any family), on one or many processes.
 
 Each process encodes a disjoint contiguous slice of the images not yet done and writes straight into the
 shared memory-mapped files (no gather, no per-image files). Rerunning the same command resumes; a rerun
@@ -19,6 +19,7 @@ from tokenizer.common.io import sha256_file
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
+from tokenizer.families import group_sizes
 from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter, dtype_for
 
 
@@ -53,22 +54,24 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
         raise ValueError(f"data.views={cfg.data.views!r}: expected one of {sorted(NUM_VIEWS)}")
     if size % tok.downsample:
         raise ValueError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
-    if tok.codes_per_group > 2**32:
-        raise ValueError(f"tokenizer: {tok.codes_per_group} codes per group do not fit uint32")
+    sizes = group_sizes(tok)  # (MGVQConfig refuses a codebook that does not split into its groups)
+    if max(sizes) > 2**32:
+        raise ValueError(f"tokenizer groups of {sizes} codes: at most 2**32 per group fit the store's uint32")
     tencrop = cfg.data.views.startswith("tencrop")
     return {
         "format_version": FORMAT_VERSION,
-        "dtype": dtype_for(tok.codes_per_group),
+        "dtype": dtype_for(max(sizes)),  # uint32 where a group has more than 65536 codes (IBQ-262144)
         "family": cfg.tokenizer.family,
         "tokenizer": tok.to_dict(),
         "tokenizer_sha256": sha256_file(cfg.tokenizer.checkpoint),
+        "tokenizer_weights": cfg.tokenizer.weights,
         "image_size": size,
         "views": cfg.data.views,
         "num_views": NUM_VIEWS[cfg.data.views],
         "crop_range": cfg.data.crop_range if tencrop else None,
         "precision": precision,
         "groups": tok.codebook_groups,
-        "codes_per_group": tok.codes_per_group,
+        "codes_per_group": sizes[0] if len(set(sizes)) == 1 else sizes,  # one per group where they differ
         "grid": [size // tok.downsample, size // tok.downsample],
         "num_images": len(files),
         "num_classes": len(classes),

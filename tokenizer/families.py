@@ -1,14 +1,20 @@
-"""Tokenizer families: one architecture dataclass, one module and one reader of the official files per name.
+"""Tokenizer families: one architecture dataclass, one nn.Module and one reader of its official files each.
 
-`load_tokenizer(path, config, family=...)` dispatches here. A family's `read_weights(path, weights)` returns the
-official file's weights already in its module's key names, and which entry it took (`weights`: auto = what the
-official AR sampler decodes with, ema or raw).
+Every family's module has the surface of tokenizer.MGVQ: encode_codes (B, 3, H, W) -> (B, h, w, G) int64,
+decode_codes(codes, groups_to_use=None), codebook(), and a config with downsample, codebook_groups and
+codes_per_group (an int, or one int per group). A family's `read_weights(path, weights)` returns the official
+file's weights in its module's key names and which entry it took (`weights`: auto = what the official AR
+sampler decodes with, ema or raw).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+import torch
+
+from tokenizer import loading, magvit2
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
 from tokenizer.vqgan import PRESETS as VQGAN_PRESETS
@@ -19,10 +25,16 @@ from tokenizer.vqgan_weights import read_ibq, read_llamagen
 @dataclass(frozen=True)
 class Family:
     name: str
-    config_cls: type  # from_dict(d), to_dict(), preset(name, ...)
-    model_cls: type  # model_cls(config)
-    read_weights: Callable  # (path, weights) -> (state dict in model_cls's names, which entry)
+    config_cls: type
+    model_cls: type
+    read_weights: Callable  # (path, weights: "auto"|"ema"|"raw") -> (state_dict in model_cls's key names, which)
     check_config: Callable | None = None  # raises ValueError when a config does not belong to the family
+
+
+def _read_mgvq(path, weights: str = "auto") -> tuple[dict, str]:
+    if weights != "auto":
+        raise ValueError(f"weights={weights!r}: MGVQ files hold one set of weights (EMA first), use 'auto'")
+    return loading.pick_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
 
 
 def _quantizer_is(kind: str, family: str) -> Callable:
@@ -33,13 +45,9 @@ def _quantizer_is(kind: str, family: str) -> Callable:
     return check
 
 
-def _read_mgvq(path, weights="auto"):
-    from tokenizer.loading import read_mgvq  # loading imports this module
-    return read_mgvq(path, weights)
-
-
 FAMILIES: dict[str, Family] = {
     "mgvq": Family("mgvq", MGVQConfig, MGVQ, _read_mgvq),
+    "open_magvit2": Family("open_magvit2", magvit2.Magvit2Config, magvit2.OpenMagvit2, magvit2.read_weights),
     "llamagen_vq": Family("llamagen_vq", VQGANConfig, VQGAN, read_llamagen, _quantizer_is("cosine", "llamagen_vq")),
     "ibq": Family("ibq", VQGANConfig, VQGAN, read_ibq, _quantizer_is("dot", "ibq")),
 }
@@ -47,14 +55,14 @@ FAMILIES: dict[str, Family] = {
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"unknown tokenizer family {name!r}; families: {sorted(FAMILIES)}")
+        raise ValueError(f"unknown tokenizer family {name!r}; expected one of {sorted(FAMILIES)}")
     return FAMILIES[name]
 
 
 def family_of(config) -> str:
     """The family name of an architecture config (or of a built tokenizer module, by its config)."""
     config = getattr(config, "config", config)
-    if isinstance(config, VQGANConfig):
+    if isinstance(config, VQGANConfig):  # one architecture class, two families
         return "llamagen_vq" if config.quantizer == "cosine" else "ibq"
     for fam in FAMILIES.values():
         if type(config) is fam.config_cls:
@@ -66,5 +74,22 @@ def named_refs() -> dict:
     """Every family's presets as hydra `tokenizer` group nodes: TokenizerRef(config=arch, family=...)."""
     from tokenizer.config import TokenizerRef
 
-    archs = {**MGVQConfig.named_presets(), **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
+    archs = {**MGVQConfig.named_presets(), **magvit2.Magvit2Config.named_presets(),
+             **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
     return {name: TokenizerRef(config=arch, family=family_of(arch)) for name, arch in archs.items()}
+
+
+def group_sizes(config) -> list[int]:
+    """Codes per group of a tokenizer config, one entry per group."""
+    per_group = config.codes_per_group
+    return list(per_group) if isinstance(per_group, (list, tuple)) else [per_group] * config.codebook_groups
+
+
+def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "mgvq", weights: str = "auto",
+                   map_location="cpu") -> torch.nn.Module:
+    """A tokenizer of `family` from `path` in eval mode with gradients off; keys and shapes must match exactly
+    (tokenizer.loading.load_tokenizer). `config`: the family's dataclass or a dict of its fields; None reads the
+    config this project's files store (official files store none)."""
+    if isinstance(config, dict):
+        config = get_family(family).config_cls.from_dict(config)
+    return loading.load_tokenizer(path, config, map_location, family=family, weights=weights)

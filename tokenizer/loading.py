@@ -7,7 +7,6 @@ import torch
 
 from tokenizer.common.io import atomic_path
 from tokenizer.common.settings import refuse_mismatch
-from tokenizer.families import family_of, get_family
 from tokenizer.vqgan_weights import load_official
 
 # Checkpoint entries that may hold the weights, in order of preference: EMA weights are what one samples with.
@@ -53,25 +52,12 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
         raise RuntimeError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
 
 
-def read_mgvq(path, weights: str = "auto") -> tuple[dict, str]:
-    """The MGVQ weights of an official file: auto = the first of ema, model, state_dict; ema; raw = model or
-    state_dict."""
-    blob = load_official(path)
-    if weights == "auto":
-        return pick_state_dict(blob, path)
-    keys = {"ema": ("ema",), "raw": ("model", "state_dict")}.get(weights)
-    if keys is None:
-        raise ValueError(f"weights={weights!r} is not one of ('auto', 'ema', 'raw')")
-    key = next((k for k in keys if _is_state_dict(blob.get(k))), None)
-    if key is None:
-        raise ValueError(f"{path} has no {weights} weights (looked for {list(keys)}); entries: {sorted(map(str, blob))}")
-    return blob[key], key
-
-
 def _stored(blob: dict, path, family: str):
     """(config, state dict) of this project's file `{"model", "config", "family"}`, or None for an official file."""
     if not (isinstance(blob.get("config"), dict) and _is_state_dict(blob.get("model"))):
         return None
+    from tokenizer.families import get_family  # families imports this module
+
     stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
     if stored_family != family:
         raise ValueError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
@@ -87,6 +73,8 @@ def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", fam
     MGVQ: EMA wins over model over state_dict). `config` None reads the stored config; a config given for a
     file that stores one must equal it. Keys and shapes must match exactly.
     """
+    from tokenizer.families import get_family
+
     fam = get_family(family)
     if config is not None and fam.check_config is not None:
         fam.check_config(config)
@@ -116,6 +104,8 @@ def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", fam
 
 def save_tokenizer(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write this project's tokenizer file `{"model": state_dict, "config": dict, "family": name}` atomically."""
+    from tokenizer.families import family_of
+
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "family": family_of(model)}, tmp)
 
@@ -124,6 +114,8 @@ def read_codebook(path: str | os.PathLike, family: str = "mgvq", weights: str = 
     """The raw codebook table (codebook_size, latent/G) of a tokenizer file, in float32, reading only that tensor
     (memory-mapped where the file allows): what a GPT with codebook input embeds. Official files give the
     weights `load_tokenizer(path, family=family, weights=weights)` would load."""
+    from tokenizer.families import get_family
+
     path = Path(path)
     stored = _stored(load_official(path), path, family)
     weights = stored[1] if stored is not None else get_family(family).read_weights(path, weights)[0]

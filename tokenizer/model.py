@@ -24,6 +24,12 @@ from tokenizer.quantizer import MultiGroupQuantizer, QuantizerOutput
 IMAGE_CHANNELS = 3
 
 
+def check_images(x: torch.Tensor, f: int) -> None:
+    """Raise unless x is (B, 3, H, W) with H and W multiples of the downsampling factor f."""
+    if x.ndim != 4 or x.shape[1] != IMAGE_CHANNELS or x.shape[-1] % f or x.shape[-2] % f:
+        raise ValueError(f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(x.shape)}")
+
+
 def stage_blocks(cfg: BackboneConfig, i: int) -> list[nn.Module]:
     return [make_block(cfg.block_type[i], cfg.width_list[i], cfg.norm[i], cfg.act[i]) for _ in range(cfg.depth_list[i])]
 
@@ -92,9 +98,7 @@ class CodeTokenizer(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> pre-quantization latent (B, C, H/f, W/f) (encoder + quant_conv)."""
-        f = self.downsample
-        if x.ndim != 4 or x.shape[1] != IMAGE_CHANNELS or x.shape[-1] % f or x.shape[-2] % f:
-            raise ValueError(f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(x.shape)}")
+        check_images(x, self.downsample)
         return self.quant_conv(self.encoder(x))
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tokenizer.common.io import write_json_atomic
 from tokenizer.config import TokenizerRef
 from tokenizer.data import ImageViews
+from tokenizer.families import group_sizes
 
 
 def psnr_from_mse(mse: float) -> float:
@@ -88,9 +89,8 @@ def eval_recon(cfg: ReconConfig) -> dict:
     n = len(dataset) if cfg.data.max_images is None else min(cfg.data.max_images, len(dataset))
     loader = DataLoader(Subset(dataset, range(n)), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     model = cfg.tokenizer.load().to(device)
-    G, K = model.config.codebook_groups, model.config.codes_per_group
-
-    sq_err, ssim_sum, counts = 0.0, 0.0, torch.zeros(G, K, dtype=torch.int64)
+    sizes = group_sizes(model.config)
+    sq_err, ssim_sum, counts = 0.0, 0.0, [torch.zeros(K, dtype=torch.int64) for K in sizes]
     for _, x, _, errors in tqdm(loader, unit="batch", desc="eval_recon", dynamic_ncols=True):
         if any(errors):
             raise RuntimeError(f"unreadable image {next(e for e in errors if e)}")
@@ -100,9 +100,11 @@ def eval_recon(cfg: ReconConfig) -> dict:
         real, fake = (x.clamp(-1, 1) + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
         sq_err += (fake - real).double().pow(2).flatten(1).mean(1).sum().item()
         ssim_sum += ssim(fake, real).double().sum().item()
-        counts += torch.stack([torch.bincount(codes[..., g].flatten().cpu(), minlength=K) for g in range(G)])
+        for g, K in enumerate(sizes):
+            counts[g] += torch.bincount(codes[..., g].flatten().cpu(), minlength=K)
 
-    used, perplexity = codebook_usage(counts)
+    usage = [codebook_usage(c[None]) for c in counts]  # per group: its own K
+    used, perplexity = [u[0][0] for u in usage], [u[1][0] for u in usage]
     result = {
         "num_images": n,
         "image_size": cfg.data.image_size,
@@ -112,7 +114,7 @@ def eval_recon(cfg: ReconConfig) -> dict:
         "ssim": ssim_sum / n,
         "codebook_used": used,  # per group: fraction of the K codes used at least once
         "codebook_perplexity": perplexity,  # per group: exp(entropy) of the code histogram, at most K
-        "codes_per_group": K,
+        "codes_per_group": sizes[0] if len(set(sizes)) == 1 else sizes,
         "tokenizer_checkpoint": str(cfg.tokenizer.checkpoint),
         "tokenizer_family": cfg.tokenizer.family,
     }

@@ -12,12 +12,12 @@
 """
 from __future__ import annotations
 
-import argparse
-import pickle
 import re
 from pathlib import Path
 
 import torch
+
+from tokenizer.common.io import load_weights_file
 
 WEIGHTS = ("auto", "ema", "raw")
 TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
@@ -27,22 +27,8 @@ IBQ_EMA_UNUSED = ("model_ema.decay", "model_ema.num_updates")
 
 
 def load_official(path: str | Path) -> dict:
-    """torch.load, weights only, also accepting a pickled argparse.Namespace (LlamaGen's `args`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist (nothing is downloaded: pass a local file)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:  # memory-mapped: a reader that keeps only the tokenizer of a big file touches only that
-                blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                blob = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip torch.save format
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds Python objects beyond tensors, plain containers and argparse.Namespace "
-                         f"({torch.serialization.get_unsafe_globals_in_checkpoint(path)}); it is not unpickled "
-                         f"with code execution: re-save its state dict alone where you trust the file. ({e})") from None
+    """A tokenizer checkpoint, weights only (tokenizer.common.io.load_weights_file), that must be a dict."""
+    blob = load_weights_file(path, "tokenizer checkpoint")
     if not isinstance(blob, dict):
         raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict checkpoint")
     return blob
