@@ -80,6 +80,9 @@ def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", fam
         fam.check_config(config)
     path = Path(path)
     stored = _stored(load_official(path), path, family)
+    if stored is None and config is None and family != "mgvq":  # (MGVQ: a file without weights says so first)
+        raise ValueError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
+                         f"{fam.config_cls.__name__}.preset(...)")
     if stored is not None:
         stored_config, state_dict, which = *stored, "model"
     else:
