@@ -93,14 +93,10 @@ def load_codebook(tokenizer: TokenizerRef, dataset: CodeDataset,
                   needed: bool = True) -> tuple[torch.Tensor | None, str | None]:
     """Raw tokenizer codebook (codebook_size, latent/G) and its file's sha256, which must be the store's: the
     sha256 match proves this is the tokenizer the extraction loaded and checked against the store's architecture.
-    A tokenizer of another family than the store's is refused. `needed` False (a GPT that learns its code
-    embeddings): only the family and the sha256 are checked; the codebook is None."""
+    `needed` False (a GPT that learns its code embeddings): only the sha256 is checked; the codebook is None.
+    Reading the codebook with another family than the store's is refused."""
     if tokenizer.checkpoint is None:
         return None, None
-    family = dataset.meta.get("family", "mgvq")  # stores written before families existed are MGVQ's
-    if tokenizer.family != family:
-        raise ValueError(f"tokenizer.family={tokenizer.family!r}, but the codes in {dataset.codes_dir} were made by "
-                         f"a {family!r} tokenizer")
     path = Path(tokenizer.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer.checkpoint {path} does not exist")
@@ -111,6 +107,10 @@ def load_codebook(tokenizer: TokenizerRef, dataset: CodeDataset,
                          f"{dataset.codes_dir} were extracted with (sha256 {want[:16]}...)")
     if not needed:
         return None, sha
+    family = dataset.meta.get("family", "mgvq")  # stores written before families existed are MGVQ's
+    if tokenizer.family != family:
+        raise ValueError(f"tokenizer.family={tokenizer.family!r}, but the codes in {dataset.codes_dir} were made by "
+                         f"a {family!r} tokenizer")
     codebook = read_codebook(path, family, tokenizer.weights)  # (G*K, latent/G)
     arch = get_family(family).config_cls.from_dict(dataset.meta["tokenizer"])
     want_shape = (sum(group_sizes(arch)), arch.latent_channels // arch.codebook_groups)
