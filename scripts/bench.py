@@ -187,6 +187,8 @@ def bench_sample(args: argparse.Namespace) -> None:
         print(f"  + decode {tok_name} ({args.grid * tokenizer.config.downsample}px): {decode:.2f} s/batch, "
               f"{B / (fastest + decode):.3f} images/s with decoding")
 
+    if not args.step_repeats:
+        return
     # One trunk step at the middle of the sequence, against the same GEMMs on preallocated tensors.
     t = L // 2
     prev = torch.randint(K, (rows, G), device=device)
@@ -252,7 +254,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codes-per-group", type=int, default=8192, help="MGVQ-G4: 32768 codes = 4 x 8192")
     p.add_argument("--tokenizer-preset", default="mgvq-f16c32-g4", help="decoder to time ('' skips decoding)")
     p.add_argument("--steps", type=int, default=1, help="timed generations after one warm-up (0: decode step only)")
-    p.add_argument("--step-repeats", type=int, default=20, help="timed decode steps")
+    p.add_argument("--step-repeats", type=int, default=20, help="timed decode steps (0: none)")
     p.add_argument("--compile", action="store_true", help="also time generate(compile=True), interleaved with eager")
 
 
