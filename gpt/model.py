@@ -200,9 +200,6 @@ class ParallelHead(nn.Module):
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
         pass
 
-    def clear_cache(self) -> None:
-        pass
-
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
         return F.linear(h, self.proj.weight[self.bounds[g]:self.bounds[g + 1]]).float()  # (B, V_g)
 
@@ -247,10 +244,6 @@ class ARHead(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.kv_cache = KVCache(batch, attn.n_head, self.groups + 1, attn.head_dim, dtype, self.sos.device)
-
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
 
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
         positions = self.layers[0].attention.kv_cache.positions  # (G+1,)
@@ -305,6 +298,7 @@ class GPT(nn.Module):
             self.head = ARHead(c.dim, c.group_sizes, c.ar_head_layers, c.norm_eps)
         else:
             self.head = ParallelHead(c.dim, c.group_sizes)
+        self._kept_caches = None  # ((batch, dtype, device), KV caches) of the last generation, see setup_cache
         self.init_buffers()
         self.init_weights()
 
@@ -364,18 +358,33 @@ class GPT(nn.Module):
     # Cached generation: the caller owns the loop and the sampling policy.
 
     def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
-        c = self.config
-        weight = self.cls_embedding.embedding_table.weight
-        dtype = dtype or weight.dtype
+        """Attach KV caches (trunk and head). The buffers of the last `clear_cache` are reused when batch, dtype
+        and device match, so a compiled step sees the same addresses batch after batch (CUDA graphs re-record on
+        new ones); `clear_cache(keep=False)` frees them."""
+        c, weight = self.config, self.cls_embedding.embedding_table.weight
+        dtype, device = dtype or weight.dtype, weight.device
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        if self._kept_caches is not None and self._kept_caches[0] == (max_batch_size, dtype, device):
+            for attention, cache in zip(attentions, self._kept_caches[1]):
+                attention.kv_cache = cache
+            return
+        self._kept_caches = None
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype,
-                                               weight.device)
+            layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype, device)
         self.head.setup_cache(max_batch_size, dtype)
 
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self.head.clear_cache()
+    def clear_cache(self, keep: bool = True) -> None:
+        """Detach the KV caches (the model is a plain training/forward model again); `keep`: hold the buffers for
+        the next setup_cache of the same batch, dtype and device."""
+        cache = self.layers[0].attention.kv_cache
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        if keep and cache is not None:
+            key = (cache.k_cache.shape[0], cache.k_cache.dtype, cache.k_cache.device)
+            self._kept_caches = (key, [attention.kv_cache for attention in attentions])
+        else:
+            self._kept_caches = None
+        for attention in attentions:
+            attention.kv_cache = None
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Run the class position; return the hidden (B, dim) that predicts image position 0."""
