@@ -65,7 +65,7 @@ class SamplerConfig:
         check_precision(self.precision, ("fp32", "bf16"))
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={self.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
-        if self.cfg_scale < 1.0:
+        if min(self.cfg_scale if isinstance(self.cfg_scale, (list, tuple)) else [self.cfg_scale]) < 1.0:
             raise ValueError(f"cfg_scale={self.cfg_scale}: expected >= 1 (1 = no guidance)")
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**31")
