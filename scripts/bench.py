@@ -2,7 +2,7 @@
 
     python scripts/bench.py extract --preset mgvq-f16c32-g4 --image-size 256 --batch-size 32
     python scripts/bench.py train --preset gpt_b --batch-size 8
-    python scripts/bench.py sample --preset gpt_b --batch-size 32 --cfg-scale 2.0
+    python scripts/bench.py sample --preset gpt_b --batch-size 32 --cfg-scale 2.0 [--compile] [--precision bf16]
 """
 import argparse
 
@@ -156,24 +156,39 @@ def bench_sample(args: argparse.Namespace) -> None:
     seeds = torch.arange(B)
     codes = None
 
-    def gen() -> None:
+    def gen(compiled: bool) -> None:
         nonlocal codes
         with autocast():
-            codes = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=seeds)
+            codes = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=seeds, compile=compiled)
 
     name = f"{args.preset} head {args.head} batch {B} cfg {args.cfg_scale} {args.precision} {device}"
+    modes = [False, True] if args.compile else [False]
+    seconds = {}
     if args.steps:
-        seconds = timed(gen, args.steps)
-        print(f"sample {name}, {args.grid}x{args.grid} codes x G{G}: {seconds:.2f} s/batch, "
-              f"{B * L / seconds:,.0f} positions/s, {B / seconds:.2f} images/s (codes only)")
+        for compiled in modes:  # warm-up: the compiled one compiles its graphs here, reported on its own
+            warm = timed(lambda: gen(compiled), 1, warmup=False)
+            print(f"sample {name} {'compiled' if compiled else 'eager'}: warm-up {warm:.2f} s"
+                  + (" (compiling its graphs)" if compiled else ""))
+        runs = {compiled: [] for compiled in modes}
+        for _ in range(args.steps):  # interleaved, so a shared machine's load falls on both alike
+            for compiled in modes:
+                runs[compiled].append(timed(lambda: gen(compiled), 1, warmup=False))
+        for compiled, times in runs.items():
+            seconds[compiled] = sum(times) / len(times)
+            print(f"sample {name} {'compiled' if compiled else 'eager'}, {args.grid}x{args.grid} codes x G{G}: "
+                  f"{seconds[compiled]:.2f} s/batch (best {min(times):.2f}), {B * L / seconds[compiled]:,.1f} "
+                  f"positions/s, {B / seconds[compiled]:.3f} images/s (codes only)")
     if args.steps and args.tokenizer_preset:
         tok_name, _, groups = args.tokenizer_preset.rpartition("-g")
         tokenizer = MGVQ(MGVQConfig.preset(tok_name, int(groups))).to(device).eval()
         grid_codes = codes.view(B, args.grid, args.grid, G)
         decode = timed(lambda: tokenizer.decode_codes(grid_codes), 1)
+        fastest = min(seconds.values())
         print(f"  + decode {tok_name} ({args.grid * tokenizer.config.downsample}px): {decode:.2f} s/batch, "
-              f"{B / (seconds + decode):.2f} images/s with decoding")
+              f"{B / (fastest + decode):.3f} images/s with decoding")
 
+    if not args.step_repeats:
+        return
     # One trunk step at the middle of the sequence, against the same GEMMs on preallocated tensors.
     t = L // 2
     prev = torch.randint(K, (rows, G), device=device)
@@ -201,23 +216,30 @@ def bench_sample(args: argparse.Namespace) -> None:
             torch.matmul(scores, v_cache[:, :, :t + 1], out=attended)
 
     # Interleaved and the fastest of each: on a shared machine the minimum is what the code itself costs.
+    # The step attends over the whole static cache (L positions, masked); the reference over the t+1 it needs.
     model.setup_cache(rows)
-    best = {"step": float("inf"), "gemms": float("inf"), "attention": float("inf")}
+    pos = torch.tensor([t], device=device)
+    fns = {"eager step": lambda: model.decode_step(prev, pos), "gemms": weight_gemms, "attention": attention}
+    if args.compile:
+        compiled_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                                      mode="reduce-overhead" if device.type == "cuda" else None)
+        fns["compiled step"] = lambda: compiled_step(prev, pos)
+    best = dict.fromkeys(fns, float("inf"))
     with torch.no_grad(), autocast():
         model.prefill(torch.randint(1000, (rows,), device=device))
-        fns = {"step": lambda: model.decode_step(prev, t), "gemms": weight_gemms, "attention": attention}
         for fn in fns.values():
-            fn()  # warm-up
+            fn()  # warm-up (and compile)
         for _ in range(args.step_repeats):
             for key, fn in fns.items():
                 best[key] = min(best[key], timed(fn, 1, warmup=False))
     model.clear_cache()
-    step, gemm_s, attn_s = best["step"], best["gemms"], best["attention"]
+    gemm_s, attn_s = best["gemms"], best["attention"]
     alone = gemm_s + attn_s
     flops = 2 * rows * sum(k * n for k, n in shapes)
-    print(f"{name}: decode step (trunk, t={t}, {rows} rows) {step * 1e3:.2f} ms; its matmuls alone {alone * 1e3:.2f} ms "
-          f"= weight GEMMs {gemm_s * 1e3:.2f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s) + attention {attn_s * 1e3:.2f} ms: "
-          f"ratio {step / alone:.2f}")
+    print(f"{name}: trunk step at t={t}, {rows} rows: its matmuls alone {alone * 1e3:.2f} ms = weight GEMMs "
+          f"{gemm_s * 1e3:.2f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s) + attention over t+1 {attn_s * 1e3:.2f} ms")
+    for key in fns.keys() - {"gemms", "attention"}:
+        print(f"  {key} {best[key] * 1e3:.2f} ms: ratio {best[key] / alone:.2f}")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -232,7 +254,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codes-per-group", type=int, default=8192, help="MGVQ-G4: 32768 codes = 4 x 8192")
     p.add_argument("--tokenizer-preset", default="mgvq-f16c32-g4", help="decoder to time ('' skips decoding)")
     p.add_argument("--steps", type=int, default=1, help="timed generations after one warm-up (0: decode step only)")
-    p.add_argument("--step-repeats", type=int, default=20, help="timed decode steps")
+    p.add_argument("--step-repeats", type=int, default=20, help="timed decode steps (0: none)")
+    p.add_argument("--compile", action="store_true", help="also time generate(compile=True), interleaved with eager")
 
 
 def main() -> None:
@@ -245,9 +268,12 @@ def main() -> None:
     ]:
         p = sub.add_parser(name)
         p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+        p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
         add_args(p)
         p.set_defaults(fn=fn)
     args = parser.parse_args()
+    if args.threads:
+        __import__("torch").set_num_threads(args.threads)
     args.fn(args)
 
 

@@ -106,6 +106,18 @@ def test_resume_keeps_finished_pngs_and_refuses_other_settings(sampler, referenc
         write_samples(other, N, tmp_path, batch_size=4)
 
 
+def test_compiled_sampler_writes_the_same_bytes_and_compiles_once(sampler, reference, tmp_path):
+    """compile=True: the same .npz bytes, and one graph for all three batches (no recompilation after the first)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Sampler(sampler.gpt, sampler.tokenizer, SamplerConfig(**SETTINGS, compile=True), sampler.files)
+    assert write_samples(compiled, N, tmp_path, batch_size=4).read_bytes() == reference
+    assert counters["stats"]["unique_graphs"] == 1  # positions 1..63 of every batch of 4, guided throughout
+    torch._dynamo.reset()
+
+
 def test_cli_two_ranks_killed_then_resumed_equals_one_process(golden, repo, reference, tmp_path):
     out = tmp_path / "ddp"
     tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
