@@ -284,9 +284,10 @@ class GPT(nn.Module):
             self.tok_embeddings = nn.Embedding(sum(c.group_sizes), c.dim)
         self.tok_dropout = nn.Dropout(c.token_dropout_p)
         drop_paths = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
+        resid_p, ffn_p = c.block_dropout
         self.layers = nn.ModuleList(
-            Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, c.resid_dropout_p),
-                  FeedForward(c.dim, c.ffn_hidden, c.ffn_dropout_p), c.norm_eps, p)
+            Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, resid_p),
+                  FeedForward(c.dim, c.ffn_hidden, ffn_p), c.norm_eps, p)
             for p in drop_paths)
         # The factorized head normalises its own outputs; the trunk then has no final norm (as Open-MAGVIT2).
         self.norm = nn.Identity() if c.head == "factorized" else RMSNorm(c.dim, c.norm_eps)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, load_gpt
-from gpt.model import rope_2d
+from gpt.model import DropPath, rope_2d
 
 V = 16  # codes per group in the tiny models
 
@@ -132,6 +132,24 @@ def test_label_dropout_and_eval_determinism():
     assert not torch.allclose(train_a, train_b)
     assert not torch.allclose(eval_null, eval_a)
     torch.testing.assert_close(train_null, eval_null, rtol=0, atol=1e-6)
+
+
+def test_drop_path_turns_resid_and_ffn_dropout_off_as_llamagen():
+    """LlamaGen's train_c2i.py: drop_path_rate > 0 sets resid and ffn dropout to 0; token dropout stays."""
+    def block_rates(model):
+        return {(m.__class__.__name__, round(m.p, 6)) for m in model.modules() if isinstance(m, (torch.nn.Dropout,
+                                                                                                  DropPath))}
+
+    dropouts = dict(token_dropout_p=0.1, resid_dropout_p=0.2, ffn_dropout_p=0.3, attn_dropout_p=0.05)
+    plain = GPT(tiny_config(**dropouts, n_layer=3))
+    assert plain.config.block_dropout == (0.2, 0.3)
+    assert block_rates(plain) == {("Dropout", 0.1), ("Dropout", 0.2), ("Dropout", 0.3), ("DropPath", 0.0)}
+    assert plain.layers[0].attention.attn_dropout_p == 0.05
+    deep = GPT(tiny_config(**dropouts, n_layer=3, drop_path_rate=0.2))
+    assert deep.config.resid_dropout_p == 0.2 and deep.config.block_dropout == (0.0, 0.0)  # the config keeps its value
+    assert block_rates(deep) == {("Dropout", 0.1), ("Dropout", 0.0), ("DropPath", 0.0), ("DropPath", 0.1),
+                                 ("DropPath", 0.2)}
+    assert deep.layers[0].attention.attn_dropout_p == 0.05 and deep.tok_dropout.p == 0.1
 
 
 def test_label_dropout_rate():

@@ -1,5 +1,6 @@
 """Sample files from the golden GPT + tokenizer: layout, sidecar, and the same bytes for any batch size,
 process count, and after kill-and-resume."""
+import dataclasses
 import json
 import os
 import signal
@@ -211,3 +212,16 @@ def test_ranks_listing_at_different_times_draw_every_batch_exactly_once(tmp_path
         assert {i // batch % world for i in s.drawn} <= {rank}
     images = np.load(tmp_path / "samples.npz")["arr_0"]
     assert images.shape == (n, 4, 4, 3) and images[:, 0, 0, 0].tolist() == list(range(n))
+
+
+def test_guidance_is_refused_for_a_model_trained_without_class_dropout(golden):
+    """The null class of a GPT trained with class_dropout_prob=0 is an untrained row: CFG would mix in noise."""
+    files = dataclasses.replace(model_files(golden), gpt_official={**OFFICIAL, "class_dropout_prob": 0.0})
+    guided = SamplerConfig(**SETTINGS)
+    with pytest.raises(ValueError, match=r"cfg_scale=2.0 needs a GPT trained with class dropout.*label 10"):
+        Sampler.from_files(files, guided)
+    plain = Sampler.from_files(files, dataclasses.replace(guided, cfg_scale=1.0))
+    assert plain.codes(torch.tensor([3]), torch.tensor([0])).shape == (1, 64, 4)
+    plain.config = guided  # as the CFG sweep swaps settings on a built sampler
+    with pytest.raises(ValueError, match="class_dropout_prob=0"):
+        plain.codes(torch.tensor([3]), torch.tensor([0]))
