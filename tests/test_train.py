@@ -119,6 +119,57 @@ def test_data_order_is_the_same_for_any_number_of_processes(tmp_path, golden):
     torch.testing.assert_close(flipped, dataset[(4, 0)][0])
 
 
+def test_batched_reads_equal_item_reads(tmp_path, golden):
+    """`__getitems__` (sorted, one pass, what the DataLoader calls) returns exactly the per-item samples."""
+    dataset = CodeDataset(write_store(tmp_path / "codes", golden, num_images=40, hw=8), seed=5)
+    keys = [(37, 1), (3, 0), (20, 1), (3, 1), (37, 1), (0, 0), (39, 1)]  # unsorted, a repeat, both views of one
+    batched = dataset.__getitems__(keys)
+    assert len(batched) == len(keys)
+    for (codes, label), key in zip(batched, keys):
+        want_codes, want_label = dataset[key]
+        assert torch.equal(codes, want_codes) and torch.equal(label, want_label) and codes.dtype == torch.int64
+    sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), global_batch_size=8, grad_accum=1)
+    for workers in (0, 1):
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+        plan = iter(sampler)
+        for _ in range(6):  # across an epoch boundary
+            codes, labels = next(loader)
+            items = [dataset[k] for k in next(plan)]
+            assert torch.equal(codes, torch.stack([c for c, _ in items]))
+            assert torch.equal(labels, torch.stack([y for _, y in items]))
+        del loader
+
+
+def test_batched_reads_ask_for_exactly_the_pages_of_their_records(tmp_path, golden):
+    """MADV_WILLNEED ranges: page-aligned, disjoint, sorted, covering every record's bytes and nothing more."""
+    import mmap
+
+    dataset = CodeDataset(write_store(tmp_path / "codes", golden, num_images=40, hw=8))
+    calls = []
+
+    class Recorder:
+        def __len__(self):
+            return len(real)
+
+        def madvise(self, option, start, length):
+            calls.append((option, start, length))
+
+    real, dataset._map = dataset._map, Recorder()
+    record_bytes = 8 * 8 * G * 2
+    assert dataset._record_bytes == record_bytes and dataset._data_start == 128  # after the .npy header
+    keys = [(37, 1), (3, 0), (20, 1), (3, 1), (0, 0), (39, 1), (21, 0)]
+    dataset.__getitems__(keys)
+    page = mmap.PAGESIZE
+    assert all(op == mmap.MADV_WILLNEED and start % page == 0 and length > 0 for op, start, length in calls)
+    ranges = [(start, start + length) for _, start, length in calls]
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # sorted, with a gap between
+    wanted = set()
+    for i, v in keys:
+        begin = 128 + (i * 2 + v) * record_bytes
+        wanted |= set(range(begin // page, (begin + record_bytes - 1) // page + 1))
+    assert {p for a, b in ranges for p in range(a // page, -(-b // page))} == wanted
+
+
 def test_stop_and_resume_equals_a_straight_run(tmp_path, store, golden, monkeypatch):
     """Dropouts and EMA on, cosine schedule, grad accumulation; the run is killed while writing checkpoint 4.
     The straight run reads through two loader workers, the others in-process: the batches are the same."""
