@@ -50,8 +50,11 @@ def cross_entropy_per_group(logits: torch.Tensor, codes: torch.Tensor) -> tuple[
     """Mean cross-entropy over positions and groups, and its per-group means (G,).
 
     logits (B, L, G, V), codes (B, L, G). Every group has B * L targets, so the mean equals the mean of the
-    per-group means. Under autocast, cross_entropy runs in float32.
+    per-group means. The logits are cast to float32 here, whatever dtype they arrive in: the model returns float32,
+    but accelerate's bf16 FSDP2 policy (output_dtype=bf16) casts the root module's output back to bf16, and the
+    log-softmax, its backward and the mean would then run in bf16.
     """
+    logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view(codes.shape)  # (B, L, G)
     per_group = ce.mean(dim=(0, 1))
     return per_group.mean(), per_group

@@ -94,6 +94,20 @@ def test_loss_is_mean_cross_entropy_over_positions_and_groups():
     torch.testing.assert_close(loss, nll.sum() / 30, rtol=1e-6, atol=1e-6)
 
 
+def test_loss_is_float32_for_bf16_logits():
+    """accelerate's bf16 FSDP2 policy hands the loss bf16 logits; log-softmax and the mean still run in float32."""
+    torch.manual_seed(0)
+    logits, codes = torch.randn(4, 16, 3, 64).bfloat16().requires_grad_(), torch.randint(64, (4, 16, 3))
+    loss, per_group = T.cross_entropy_per_group(logits, codes)
+    assert loss.dtype == per_group.dtype == torch.float32
+    want, _ = T.cross_entropy_per_group(logits.detach().float(), codes)
+    assert torch.equal(loss, want)
+    loss.backward()
+    upcast = logits.detach().float().requires_grad_()
+    T.cross_entropy_per_group(upcast, codes)[0].backward()
+    assert torch.equal(logits.grad, upcast.grad.bfloat16())  # the float32 gradient, rounded once at the end
+
+
 def test_data_order_is_the_same_for_any_number_of_processes(tmp_path, golden):
     dataset = CodeDataset(write_store(tmp_path / "codes", golden, num_images=21, unlabeled=(2, 9)), seed=5)
     assert len(dataset) == 19  # label -1 left out
