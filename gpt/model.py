@@ -332,7 +332,10 @@ class GPT(nn.Module):
         """codes (B, S, G) -> input vectors (B, S, dim)."""
         idx = codes + self.code_offsets
         if self.config.input_embedding == "codebook":
-            return self.img_projector(self.codebook[idx].flatten(-2))  # raw rows concatenated over groups
+            # Raw rows concatenated over groups, in the projector's dtype: FSDP2's bf16 policy runs the weights in
+            # bf16 without autocast, and the codebook is a float32 buffer (buffers are not cast).
+            rows = self.codebook[idx].flatten(-2)
+            return self.img_projector(rows.to(self.img_projector[0].weight.dtype))
         return self.tok_embeddings(idx).sum(-2)
 
     def trunk(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

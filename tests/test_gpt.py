@@ -243,3 +243,17 @@ def test_codes_shape_is_checked():
         model(torch.zeros(1, 17, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="decode_step position"):
         model.decode_step(torch.zeros(1, 4, dtype=torch.long), 16)
+
+
+@pytest.mark.parametrize("head", ["parallel", "ar"])
+def test_forward_with_bf16_weights_and_float32_buffers(head):
+    """FSDP2's bf16 policy: parameters run in bf16 without autocast while buffers (codebook, RoPE) stay float32."""
+    model = tiny_model(head=head)
+    codes, labels = random_inputs(model.config)
+    with torch.no_grad():
+        want = model(codes, labels)
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
+        got = model(codes, labels)
+    assert model.codebook.dtype == torch.float32 and got.dtype == torch.float32
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
