@@ -7,13 +7,17 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt import GPT, GPTConfig
-from gpt.train import cross_entropy_per_group, make_optimizer
+from gpt.train import cross_entropy_per_group
 from sampling.generate import generate
-from tokenizer import load_tokenizer
+from tokenizer import MGVQConfig, load_tokenizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
+
+
+def adamw(model: GPT, fused: bool) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
 
 
 def small_gpt(**overrides) -> GPT:
@@ -37,8 +41,7 @@ def test_bf16_flash_attention_training_step_matches_fp32():
     labels = torch.randint(10, (8,), device=CUDA)
     with torch.no_grad():
         fp32 = model(codes, labels)
-    optimizer = make_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
-    assert optimizer.defaults["fused"]
+    optimizer = adamw(model, fused=True)
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         logits = model(codes, labels)
         loss, per_group = cross_entropy_per_group(logits, codes)
@@ -56,7 +59,7 @@ def test_fused_adamw_equals_foreach_adamw():
     steps = []
     for fused in (True, False):
         model = small_gpt()
-        optimizer = make_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=fused)
+        optimizer = adamw(model, fused=fused)
         torch.manual_seed(1)
         for _ in range(3):
             codes = torch.randint(512, (4, 64, 4), device=CUDA)
@@ -84,11 +87,8 @@ def test_compiled_sampling_with_cuda_graphs_equals_eager():
 
 def test_bf16_extraction_codes_agree_with_fp32(golden):
     """Extraction's bf16 autocast: codes change only where two code rows are nearly equidistant."""
-    expected = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)
-    from tokenizer import TokenizerConfig
-
-    config = TokenizerConfig.from_dict({**expected["config"], "checkpoint": str(golden / "tokenizer_tiny.pt")})
-    tokenizer = load_tokenizer(config.checkpoint, config).to(CUDA)
+    config = MGVQConfig.from_dict(torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"])
+    tokenizer = load_tokenizer(golden / "tokenizer_tiny.pt", config).to(CUDA)
     torch.manual_seed(0)
     images = torch.rand(16, 3, 64, 64, device=CUDA) * 2 - 1
     fp32 = tokenizer.encode_codes(images)
