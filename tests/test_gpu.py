@@ -105,3 +105,24 @@ def test_bf16_sampling_logits_are_float32():
         logits = model.sub_logits(h, 0)
     assert logits.dtype == torch.float32
     model.clear_cache()
+
+
+def test_training_steps_never_wait_for_the_gpu(tmp_path, golden, monkeypatch, fresh_accelerate_state):
+    """CUDA's sync detector set to error inside every optimizer step of train(): no step reads the device (bf16,
+    fused AdamW, grad accumulation); the reads happen at log lines and checkpoints, outside the steps."""
+    import gpt.train as T
+    from test_train import train_config, write_store
+
+    store = write_store(tmp_path / "codes", golden)
+    step = T.GPTStep.__call__
+
+    def guarded(self):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(T.GPTStep, "__call__", guarded)
+    export = T.train(train_config(store, tmp_path / "run", golden, precision="bf16", max_steps=6, log_every=3))
+    assert export.is_file()
