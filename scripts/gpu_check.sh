@@ -52,25 +52,31 @@ step "bf16 extraction, MGVQ-f16c32-G4 at 256px"
     | tee "$WORK/extract.txt"
 
 step "FSDP on $NGPU GPU(s): GPT-B, bf16, EMA, sharded checkpoint, export"
-"$PY" scripts/bench.py store --out "$WORK/codes" --images 4096 --views 2 >/dev/null
-"$PY" -m accelerate.commands.launch --config_file conf/accelerate/fsdp.yaml --num_processes "$NGPU" \
-    --main_process_port 0 scripts/train_gpt.py data.codes_dir="$WORK/codes" tokenizer.checkpoint=null \
-    model=gpt_b model.input_embedding=learned out_dir="$WORK/fsdp" max_steps=20 global_batch_size=$((32 * NGPU)) \
-    log_every=10 ckpt_every=10 ema=0.999 precision=bf16 data.num_workers=4 2>&1 | tail -n 5
-"$PY" - "$WORK/fsdp" <<'EOF' | tee "$WORK/fsdp.txt"
+if [ "$NGPU" -lt 2 ]; then
+    echo "FSDP needs 2 or more GPUs (accelerate runs 1 process without sharding): skipped, $NGPU present" \
+        | tee "$WORK/fsdp.txt"
+else
+    "$PY" scripts/bench.py store --out "$WORK/codes" --images 4096 --views 2 >/dev/null
+    "$PY" -m accelerate.commands.launch --config_file conf/accelerate/fsdp.yaml --num_processes "$NGPU" \
+        --main_process_port 0 scripts/train_gpt.py data.codes_dir="$WORK/codes" tokenizer.checkpoint=null \
+        model=gpt_b model.input_embedding=learned out_dir="$WORK/fsdp" max_steps=20 \
+        global_batch_size=$((32 * NGPU)) log_every=10 ckpt_every=10 ema=0.999 precision=bf16 2>&1 | tail -n 5
+    "$PY" - "$WORK/fsdp" "$NGPU" <<'EOF' | tee "$WORK/fsdp.txt"
 import json, sys
 from pathlib import Path
 
 from gpt import load_gpt
 
-run = Path(sys.argv[1])
+run, ngpu = Path(sys.argv[1]), int(sys.argv[2])
 log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+shards = list((run / "checkpoints").glob("step_0000020/pytorch_model_fsdp_0/*.distcp"))
 model = load_gpt(run / "export" / "model.pt")
-shards = sorted(p.name for p in (run / "checkpoints").glob("step_*/pytorch_model_fsdp_0/*.distcp"))
-print(f"FSDP x{log[-1]['num_processes']}: loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
-      f"{log[-1]['tokens_per_s']:,.0f} tokens/s, {len(shards)} model shard files, "
-      f"export loads ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)")
+assert log[-1]["num_processes"] == ngpu and len(shards) == ngpu, (log[-1], shards)
+print(f"FSDP x{ngpu}: loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, {log[-1]['tokens_per_s']:,.0f} tokens/s, "
+      f"{len(shards)} model shard files, EMA export loads ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+      f"parameters)")
 EOF
+fi
 
 step "report"
 {
