@@ -245,15 +245,15 @@ def test_codes_shape_is_checked():
         model.decode_step(torch.zeros(1, 4, dtype=torch.long), 16)
 
 
-@pytest.mark.parametrize("head", ["parallel", "ar"])
+@pytest.mark.parametrize("head", ["parallel", "ar", "factorized"])
 def test_forward_with_bf16_weights_and_float32_buffers(head):
     """FSDP2's bf16 policy: parameters run in bf16 without autocast while buffers (codebook, RoPE) stay float32."""
-    model = tiny_model(head=head)
+    model = tiny_model(head=head, input_embedding="learned" if head == "factorized" else "codebook")
     codes, labels = random_inputs(model.config)
     with torch.no_grad():
         want = model(codes, labels)
         for p in model.parameters():
             p.data = p.data.bfloat16()
         got = model(codes, labels)
-    assert model.codebook.dtype == torch.float32 and got.dtype == torch.float32
+    assert got.dtype == torch.float32 and all(b.dtype != torch.bfloat16 for b in model.buffers())
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
