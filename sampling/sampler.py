@@ -124,9 +124,11 @@ def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
 
 
-def check_guidance(gpt: GPT, cfg_scale: float) -> None:
-    """Refuse classifier-free guidance with a GPT whose null class was never trained."""
-    if cfg_scale != 1 and gpt.config.class_dropout_prob == 0:
+def check_guidance(gpt: GPT, cfg_scale) -> None:
+    """Refuse classifier-free guidance (a scale, or one per group, other than 1) with a GPT whose null class was
+    never trained."""
+    scales = [cfg_scale] if isinstance(cfg_scale, (int, float)) else list(cfg_scale)
+    if any(s != 1 for s in scales) and gpt.config.class_dropout_prob == 0:
         raise ValueError(
             f"cfg_scale={cfg_scale} needs a GPT trained with class dropout, but this one has class_dropout_prob=0: "
             f"its null class (label {gpt.config.num_classes}) never replaced a label in training, so the "

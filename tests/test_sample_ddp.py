@@ -220,7 +220,9 @@ def test_guidance_is_refused_for_a_model_trained_without_class_dropout(golden):
     guided = SamplerConfig(**SETTINGS)
     with pytest.raises(ValueError, match=r"cfg_scale=2.0 needs a GPT trained with class dropout.*label 10"):
         Sampler.from_files(files, guided)
-    plain = Sampler.from_files(files, dataclasses.replace(guided, cfg_scale=1.0))
+    with pytest.raises(ValueError, match="class_dropout_prob=0"):
+        Sampler.from_files(files, dataclasses.replace(guided, cfg_scale=[1.0, 1.0, 2.0, 1.0]))  # one per group
+    plain = Sampler.from_files(files, dataclasses.replace(guided, cfg_scale=[1.0] * 4))
     assert plain.codes(torch.tensor([3]), torch.tensor([0])).shape == (1, 64, 4)
     plain.config = guided  # as the CFG sweep swaps settings on a built sampler
     with pytest.raises(ValueError, match="class_dropout_prob=0"):
