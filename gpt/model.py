@@ -284,9 +284,10 @@ class GPT(nn.Module):
             self.tok_embeddings = nn.Embedding(sum(c.group_sizes), c.dim)
         self.tok_dropout = nn.Dropout(c.token_dropout_p)
         drop_paths = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
+        resid_p, ffn_p = c.block_dropout
         self.layers = nn.ModuleList(
-            Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, c.resid_dropout_p),
-                  FeedForward(c.dim, c.ffn_hidden, c.ffn_dropout_p), c.norm_eps, p)
+            Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, resid_p),
+                  FeedForward(c.dim, c.ffn_hidden, ffn_p), c.norm_eps, p)
             for p in drop_paths)
         # The factorized head normalises its own outputs; the trunk then has no final norm (as Open-MAGVIT2).
         self.norm = nn.Identity() if c.head == "factorized" else RMSNorm(c.dim, c.norm_eps)
@@ -331,7 +332,10 @@ class GPT(nn.Module):
         """codes (B, S, G) -> input vectors (B, S, dim)."""
         idx = codes + self.code_offsets
         if self.config.input_embedding == "codebook":
-            return self.img_projector(self.codebook[idx].flatten(-2))  # raw rows concatenated over groups
+            # Raw rows concatenated over groups, in the projector's dtype: FSDP2's bf16 policy runs the weights in
+            # bf16 without autocast, and the codebook is a float32 buffer (buffers are not cast).
+            rows = self.codebook[idx].flatten(-2)
+            return self.img_projector(rows.to(self.img_projector[0].weight.dtype))
         return self.tok_embeddings(idx).sum(-2)
 
     def trunk(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

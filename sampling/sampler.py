@@ -124,11 +124,24 @@ def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
 
 
+def check_guidance(gpt: GPT, cfg_scale) -> None:
+    """Refuse classifier-free guidance (a scale, or one per group, other than 1) with a GPT whose null class was
+    never trained."""
+    scales = [cfg_scale] if isinstance(cfg_scale, (int, float)) else list(cfg_scale)
+    if any(s != 1 for s in scales) and gpt.config.class_dropout_prob == 0:
+        raise ValueError(
+            f"cfg_scale={cfg_scale} needs a GPT trained with class dropout, but this one has class_dropout_prob=0: "
+            f"its null class (label {gpt.config.num_classes}) never replaced a label in training, so the "
+            f"unconditional logits guidance mixes in come from an untrained embedding. Sample with cfg_scale=1, "
+            f"or train with model.class_dropout_prob > 0 (LlamaGen: 0.1)")
+
+
 class Sampler:
     """labels + seeds -> uint8 images (N, H, W, 3). Demo, DDP sampler and CFG sweep all draw through it."""
 
     def __init__(self, gpt: GPT, tokenizer: MGVQ, config: SamplerConfig, files: ModelFiles | None = None):
         config.check()
+        check_guidance(gpt, config.cfg_scale)
         self.gpt, self.tokenizer, self.config, self.files = gpt.eval(), tokenizer.eval(), config, files
         self.device = next(gpt.parameters()).device
         self.num_classes = gpt.config.num_classes
@@ -144,6 +157,7 @@ class Sampler:
     def codes(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """Codes (B, L, G) int64 for labels (B,) and seeds (B,)."""
         c, dtype = self.config, autocast_dtype(self.config.precision)
+        check_guidance(self.gpt, c.cfg_scale)  # again here: a sweep swaps `config` on a built sampler
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return generate(self.gpt, labels.to(self.device), cfg_scale=c.cfg_scale, cfg_interval=c.cfg_interval,
                             cfg_schedule=c.cfg_schedule, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,

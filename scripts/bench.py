@@ -3,6 +3,8 @@
     python scripts/bench.py extract --preset mgvq-f16c32-g4 --image-size 256 --batch-size 32
     python scripts/bench.py train --preset gpt_b --batch-size 8
     python scripts/bench.py sample --preset gpt_b --batch-size 32 --cfg-scale 2.0 [--compile] [--precision bf16]
+    python scripts/bench.py data --images 50000 --views 20 --batch-size 32 --workers 4
+    python scripts/bench.py store --out /tmp/codes --images 4096   (a synthetic store, for gpu_check.sh)
 """
 import argparse
 
@@ -55,11 +57,35 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5)
 
 
+# Dense peak TFLOP/s by GPU name (bf16 / fp16 tensor cores; fp32 uses TF32 figures), first match wins.
+PEAK_TFLOPS = [("H100 PCIe", 756, 378), ("H100", 989, 495), ("H200", 989, 495), ("GH200", 989, 495),
+               ("B200", 2250, 1100), ("A100", 312, 156), ("L40S", 362, 183), ("L4", 121, 60), ("A10", 125, 62)]
+
+
+def peak_tflops(device, precision: str) -> float | None:
+    """The device's dense peak for `precision`, or PEAK_TFLOPS from the environment; None when unknown (CPU)."""
+    import os
+
+    import torch
+
+    if os.environ.get("PEAK_TFLOPS"):
+        return float(os.environ["PEAK_TFLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, tf32 in PEAK_TFLOPS:
+        if key in name:
+            return half if precision in ("bf16", "fp16") else tf32
+    return None
+
+
 def bench_train(args: argparse.Namespace) -> None:
     """Optimizer steps of a GPT preset on random codes: forward, cross-entropy, backward, clip, fused AdamW."""
+    import contextlib
     import time
 
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from gpt import GPT, GPTConfig
     from gpt.train import TrainConfig, cross_entropy_per_group
@@ -79,8 +105,11 @@ def bench_train(args: argparse.Namespace) -> None:
     labels = torch.randint(1000, (args.batch_size,), device=device)
     dtype = autocast_dtype(args.precision)
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernels = (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)) if args.attention == "flash" else contextlib.nullcontext
+
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), kernels():
             loss, _ = cross_entropy_per_group(step_fn(codes, labels), codes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -94,15 +123,21 @@ def bench_train(args: argparse.Namespace) -> None:
     for _ in range(args.warmup):
         step()
     sync()
+    with FlopCounterMode(display=False) as counter:  # matmuls and attention of one step, forward and backward
+        step()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     seconds = (time.perf_counter() - start) / args.steps
     params = sum(p.numel() for p in model.parameters())
+    flops = counter.get_total_flops()
+    peak = peak_tflops(device, args.precision)
+    mfu = f"MFU {flops / seconds / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else "MFU n/a (unknown peak)"
     print(f"train {args.preset} ({params / 1e6:.1f}M params, head {args.head}) batch {args.batch_size} x {L} tokens "
-          f"x G{args.groups}, {args.precision}, compile={args.compile}, {device}: {seconds * 1e3:.1f} ms/step, "
-          f"{args.batch_size * L / seconds:,.0f} tokens/s")
+          f"x G{args.groups}, {args.precision}, compile={args.compile}, attention {args.attention}, {device}: "
+          f"{seconds * 1e3:.1f} ms/step, {args.batch_size * L / seconds:,.0f} tokens/s, "
+          f"{flops / seconds / 1e12:.1f} TFLOP/s, {mfu}")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
@@ -116,6 +151,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codes-per-group", type=int, default=8192, help="MGVQ-G4: 32768 codes = 4 x 8192")
     p.add_argument("--head", choices=["parallel", "ar"], default="ar")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", choices=["auto", "flash"], default="auto", help="flash: only the flash SDPA kernel "
+                   "(fails where it cannot run)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
 
@@ -258,6 +295,124 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="also time generate(compile=True), interleaved with eager")
 
 
+def write_synthetic_store(root, images: int, views: int, grid: int, groups: int, chunk: int = 2000):
+    """A code store of random codes with the layout extraction writes (StoreWriter), `images` x `views` records."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from tokenizer.store import StoreWriter
+
+    spec = {"tokenizer": {"synthetic": True}, "tokenizer_sha256": "0" * 64, "image_size": grid * 16,
+            "views": "synthetic", "num_views": views, "groups": groups, "codes_per_group": 8192,
+            "grid": [grid, grid], "num_images": images, "num_classes": 1000,
+            "class_names": [str(i) for i in range(1000)], "files_fingerprint": f"synthetic-{images}"}
+    writer = StoreWriter(root, spec)
+    rng = np.random.default_rng(0)
+    writer.create(rng.integers(1000, size=images))
+    writer.open()
+    for start in tqdm(range(0, images, chunk), desc="writing synthetic store", unit="chunk"):
+        idx = np.arange(start, min(start + chunk, images))
+        codes = rng.integers(8192, size=(len(idx), views, grid, grid, groups), dtype=np.uint16)
+        writer.write(idx, codes, np.zeros(len(idx), bool))
+    writer.finalize([f"{i}.JPEG" for i in range(images)])
+    writer.close()
+    return root
+
+
+def drop_page_cache(path) -> None:
+    """Evict `path` (and only it: the machine may be shared) from the page cache: sync, then POSIX_FADV_DONTNEED."""
+    import os
+
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    """Batches/s of the training loader over a synthetic store of realistic size, cold and warm page cache.
+
+    `per-item` is the old path (one memmap read per sample, default kernel readahead); `batched` is
+    CodeDataset.__getitems__ (MADV_RANDOM, MADV_WILLNEED on the batch's pages, one sorted pass). Cold: the
+    store's pages are evicted first; warm: the same batches again, now cached.
+    """
+    import mmap
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gpt.data import CodeDataset
+    from tokenizer.common.runs import GlobalBatchSampler
+
+    class PerItem(CodeDataset):
+        __getitems__ = None  # the DataLoader then calls __getitem__ per sample
+
+        def _open(self, codes) -> None:
+            super()._open(codes)
+            if self._map is not None:
+                self._map.madvise(mmap.MADV_NORMAL)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_", dir=args.dir))
+    try:
+        root = write_synthetic_store(tmp / "codes", args.images, args.views, args.grid, args.groups)
+        size = (root / "codes.npy").stat().st_size
+        print(f"store {args.images} images x {args.views} views x {args.grid}x{args.grid} x G{args.groups}: "
+              f"{size / 2**30:.2f} GiB; per-rank batch {args.batch_size} (rank 0 of {args.ranks}), "
+              f"{args.workers} workers, prefetch {args.prefetch}")
+        for cls, name in ((PerItem, "per-item"), (CodeDataset, "batched")):
+            dataset = cls(root, seed=0)
+            sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), args.batch_size * args.ranks, rank=0,
+                                         world_size=args.ranks)
+            for cache in ("cold", "warm"):
+                if cache == "cold":
+                    drop_page_cache(root / "codes.npy")
+                loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                    prefetch_factor=args.prefetch if args.workers else None)
+                batches = iter(loader)
+                start = time.perf_counter()
+                for _ in range(args.batches):
+                    next(batches)
+                seconds = time.perf_counter() - start
+                del batches
+                print(f"  {name:8s} {cache}: {args.batches / seconds:8.1f} batches/s, "
+                      f"{args.batches * args.batch_size / seconds:10,.0f} samples/s")
+    finally:
+        shutil.rmtree(tmp)
+
+
+def bench_store(args: argparse.Namespace) -> None:
+    """Write a synthetic code store (random codes) to --out, e.g. for a training run that checks a machine."""
+    root = write_synthetic_store(args.out, args.images, args.views, args.grid, args.groups)
+    print(f"synthetic code store: {root}")
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--groups", type=int, default=4)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=50000, help="50000 x 20 views at 16x16 x G4 is 2 GB")
+    p.add_argument("--views", type=int, default=20, help="ten-crop + flip")
+    p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank (global 256 on 8 GPUs)")
+    p.add_argument("--ranks", type=int, default=8, help="the global batch is batch-size x ranks; rank 0 is read")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--prefetch", type=int, default=4, help="batches each worker reads ahead")
+    p.add_argument("--batches", type=int, default=300, help="timed batches per measurement")
+    p.add_argument("--dir", default=None, help="where the temporary store goes (default: the system temp dir)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -265,6 +420,8 @@ def main() -> None:
         ("extract", add_extract_args, bench_extract),
         ("train", add_train_args, bench_train),
         ("sample", add_sample_args, bench_sample),
+        ("data", add_data_args, bench_data),
+        ("store", add_store_args, bench_store),
     ]:
         p = sub.add_parser(name)
         p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
