@@ -83,7 +83,7 @@ class GPTConfig:
     attn_dropout_p: float = 0.0
     resid_dropout_p: float = 0.1
     ffn_dropout_p: float = 0.1
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.0  # > 0 turns resid and ffn dropout off, as LlamaGen (see block_dropout)
     codebook_groups: int | None = 4
     # Codes per group: one int for every group, or a list of one per group ([64, 4096]); typed Any because
     # OmegaConf's structured configs refuse a union of int and list.
@@ -180,6 +180,15 @@ class GPTConfig:
         """Codes per group, one entry per group."""
         K = self.codebook_size
         return list(K) if isinstance(K, (list, tuple)) else [K] * self.codebook_groups
+
+    @property
+    def block_dropout(self) -> tuple[float, float]:
+        """(resid, ffn) dropout the blocks apply. LlamaGen's recipe (train_c2i.py) zeroes both whenever
+        drop_path_rate > 0: stochastic depth replaces them. Token, attention and class dropout are unaffected.
+        The config keeps the values it was given; this is the one place the rule is applied."""
+        if self.drop_path_rate > 0:
+            return 0.0, 0.0
+        return self.resid_dropout_p, self.ffn_dropout_p
 
     @property
     def seq_len(self) -> int:

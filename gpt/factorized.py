@@ -53,14 +53,11 @@ class FactorizedHead(nn.Module):
             attn.kv_cache = KVCache(batch, attn.n_kv_head, len(self.sizes), attn.head_dim, dtype,
                                     self.norm.weight.device)
 
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-
     def sub_logits(self, h: torch.Tensor, g: int, prev_emb: torch.Tensor | None) -> torch.Tensor:
         """float32 logits (B, V_g) of sub-token g: index 0 is the trunk's h (B, D); index g > 0 the embedded
         sub-token g-1 (B, D); earlier indices are cached."""
         x = (h if g == 0 else prev_emb)[:, None]  # (B, 1, D)
+        pos = self.layers[0].attention.kv_cache.positions[g:g + 1]  # (1,)
         for layer in self.layers:
-            x = layer(x, self.freqs_cis[g:g + 1], g)
+            x = layer(x, self.freqs_cis[g:g + 1], pos)
         return self.logits(x[:, -1], g).float()

@@ -65,20 +65,27 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated (B, H, S, D) keys and values, written in place; not part of the state dict."""
+    """Preallocated (B, H, S_max, D) keys and values, written in place at a position tensor; not in the state dict.
+
+    Every read returns the whole buffer and a mask of the positions each query may see, so a cached step has the
+    same shapes at every position: what lets torch.compile capture one graph (one CUDA graph on GPU) for all of them.
+    """
 
     def __init__(self, batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         shape = (batch, heads, seq, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("positions", torch.arange(seq, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, S, D) at positions [pos, pos+S); return views of positions [0, pos+S)."""
-        b, end = k.shape[0], pos + k.shape[2]
-        self.k_cache[:b, :, pos:end].copy_(k)
-        self.v_cache[:b, :, pos:end].copy_(v)
-        return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (b, H, S, D) at positions pos (S,) int64; return the (b, H, S_max, D) buffers and the mask
+        (S, S_max), True where key position <= query position. Positions not written yet are zeros and masked."""
+        b = k.shape[0]
+        self.k_cache[:b].index_copy_(2, pos, k.to(self.k_cache.dtype))
+        self.v_cache[:b].index_copy_(2, pos, v.to(self.v_cache.dtype))
+        return self.k_cache[:b], self.v_cache[:b], self.positions <= pos[:, None]
 
 
 class Attention(nn.Module):
@@ -98,7 +105,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(resid_dropout_p)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, dim). With a KV cache, pos (S,) are the positions of x's S rows in the cached sequence."""
         B, S, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
@@ -110,11 +119,11 @@ class Attention(nn.Module):
         if freqs is not None:
             q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+        mask = None
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(pos, k, v)  # (B, H_kv, pos+S, D)
-        # Several new positions are only fed from position 0 (training, prefill), where causal = lower-triangular;
-        # one new position sees every cached one, so no mask is built in the decode loop.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
+            k, v, mask = self.kv_cache.update(pos, k, v)  # (B, H_kv, S_max, D) x 2, (S, S_max)
+        # Without a cache the S positions start at 0 (training), where causal = lower-triangular.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
@@ -152,7 +161,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.ada_lin = ada_lin(dim, 6) if adaln else None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: int = 0,
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: torch.Tensor | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
         if self.ada_lin is None:
             h = x + self.drop_path(self.attention(self.attention_norm(x), freqs, pos))
@@ -202,9 +211,6 @@ class ParallelHead(nn.Module):
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
         pass
 
-    def clear_cache(self) -> None:
-        pass
-
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
         return F.linear(h, self.proj.weight[self.bounds[g]:self.bounds[g + 1]]).float()  # (B, V_g)
 
@@ -250,17 +256,16 @@ class ARHead(nn.Module):
             attn = layer.attention
             attn.kv_cache = KVCache(batch, attn.n_head, self.groups + 1, attn.head_dim, dtype, self.sos.device)
 
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
+        positions = self.layers[0].attention.kv_cache.positions  # (G+1,)
         if g == 0:  # start this position's sequence: [h, sos] at indices 0, 1
             x = torch.stack([h, self.sos[0, 0].expand_as(h)], dim=1) + self.pos_emb[:, :2]  # (B, 2, D)
+            pos = positions[:2]
         else:  # the caller's sampled sub-token g-1 enters at index g+1; indices < g+1 are cached
             x = (self.tok_emb(prev_sub) + self.pos_emb[0, g + 1])[:, None]  # (B, 1, D)
+            pos = positions[g + 1:g + 2]
         for layer in self.layers:
-            x = layer(x, None, 0 if g == 0 else g + 1)
+            x = layer(x, None, pos)
         return self.head(self.ln_f(x[:, -1]))[:, :self.sizes[g]].float()  # (B, V_g)
 
 
@@ -290,9 +295,10 @@ class GPT(nn.Module):
             self.tok_embeddings = nn.Embedding(sum(c.group_sizes), c.dim)
         self.tok_dropout = nn.Dropout(c.token_dropout_p)
         drop_paths = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
+        resid_p, ffn_p = c.block_dropout
         self.layers = nn.ModuleList(
-            Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, c.resid_dropout_p),
-                  FeedForward(c.dim, c.ffn_hidden, c.ffn_dropout_p), c.norm_eps, p, c.class_adaln)
+            Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, resid_p),
+                  FeedForward(c.dim, c.ffn_hidden, ffn_p), c.norm_eps, p, c.class_adaln)
             for p in drop_paths)
         # The factorized head normalises its own outputs; the trunk then has no final norm (as Open-MAGVIT2).
         self.norm = nn.Identity() if c.head == "factorized" else RMSNorm(c.dim, c.norm_eps)
@@ -306,6 +312,7 @@ class GPT(nn.Module):
             self.head = ARHead(c.dim, c.group_sizes, c.ar_head_layers, c.norm_eps)
         else:
             self.head = ParallelHead(c.dim, c.group_sizes)
+        self._kept_caches = None  # ((batch, dtype, device), KV caches) of the last generation, see setup_cache
         self.init_buffers()
         self.init_weights()
 
@@ -348,7 +355,10 @@ class GPT(nn.Module):
         """codes (B, S, G) -> input vectors (B, S, dim)."""
         idx = codes + self.code_offsets
         if self.config.input_embedding == "codebook":
-            return self.img_projector(self.codebook[idx].flatten(-2))  # raw rows concatenated over groups
+            # Raw rows concatenated over groups, in the projector's dtype: FSDP2's bf16 policy runs the weights in
+            # bf16 without autocast, and the codebook is a float32 buffer (buffers are not cast).
+            rows = self.codebook[idx].flatten(-2)
+            return self.img_projector(rows.to(self.img_projector[0].weight.dtype))
         return self.tok_embeddings(idx).sum(-2)
 
     def final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -370,7 +380,7 @@ class GPT(nn.Module):
         x = self.tok_dropout(x)
         freqs = self.freqs_cis[:L]
         for layer in self.layers:
-            x = layer(x, freqs, 0, cls)
+            x = layer(x, freqs, None, cls)
         return self.final_norm(x, cls)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -384,35 +394,61 @@ class GPT(nn.Module):
     # Cached generation: the caller owns the loop and the sampling policy.
 
     def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
-        c = self.config
-        weight = self.cls_embedding.embedding_table.weight
-        dtype = dtype or weight.dtype
+        """Attach KV caches (trunk and head). The buffers of the last `clear_cache` are reused when batch, dtype
+        and device match, so a compiled step sees the same addresses batch after batch (CUDA graphs re-record on
+        new ones); `clear_cache(keep=False)` frees them."""
+        c, weight = self.config, self.cls_embedding.embedding_table.weight
+        dtype, device = dtype or weight.dtype, weight.device
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        if self._kept_caches is not None and self._kept_caches[0] == (max_batch_size, dtype, device):
+            for attention, cache in zip(attentions, self._kept_caches[1]):
+                attention.kv_cache = cache
+            return
+        self._kept_caches = None
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype,
-                                               weight.device)
+            layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype, device)
         self.head.setup_cache(max_batch_size, dtype)
 
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self.head.clear_cache()
+    def clear_cache(self, keep: bool = True) -> None:
+        """Detach the KV caches (the model is a plain training/forward model again); `keep`: hold the buffers for
+        the next setup_cache of the same batch, dtype and device."""
+        cache = self.layers[0].attention.kv_cache
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        if keep and cache is not None:
+            key = (cache.k_cache.shape[0], cache.k_cache.dtype, cache.k_cache.device)
+            self._kept_caches = (key, [attention.kv_cache for attention in attentions])
+        else:
+            self._kept_caches = None
+        for attention in attentions:
+            attention.kv_cache = None
         self.cond = None
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Run the class position; return the hidden (B, dim) that predicts image position 0."""
-        if self.layers[0].attention.kv_cache is None:
-            raise RuntimeError("setup_cache(max_batch_size) must be called before prefill")
         self.cond = self.cls_embedding(labels)  # (B, 1, dim), kept for the adaLN of later steps
-        return self._step(self.cond, 0)
+        return self._step(self.cond, self._cache_positions()[:1])
 
-    def decode_step(self, prev_codes: torch.Tensor, t: int) -> torch.Tensor:
-        """Feed the codes (B, G) of image position t-1; return the hidden (B, dim) that predicts position t."""
-        if not 1 <= t < self.config.seq_len:
-            raise ValueError(f"decode_step position t={t} is outside [1, {self.config.seq_len})")
+    def decode_step(self, prev_codes: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """Feed the codes (B, G) of image position t-1; return the hidden (B, dim) that predicts position t.
+
+        t: an int, or a (1,) int64 tensor on the model's device, which a compiled caller passes so that every
+        position runs the same graph (a tensor is not range-checked: that would cost a device sync).
+        """
+        if not isinstance(t, torch.Tensor):
+            if not 1 <= t < self.config.seq_len:
+                raise ValueError(f"decode_step position t={t} is outside [1, {self.config.seq_len})")
+            t = self._cache_positions()[t:t + 1]
         return self._step(self.embed_codes(prev_codes[:, None]), t)
 
-    def _step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        freqs = self.freqs_cis[pos:pos + 1]
+    def _cache_positions(self) -> torch.Tensor:
+        cache = self.layers[0].attention.kv_cache
+        if cache is None:
+            raise RuntimeError("setup_cache(max_batch_size) must be called before prefill or decode_step")
+        return cache.positions  # (seq_len,)
+
+    def _step(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, dim) at cache position pos (1,) -> final-normed hidden (B, dim)."""
+        freqs = self.freqs_cis[pos]  # (1, head_dim/2, 2)
         cond = None if self.cond is None else self.cond[:x.shape[0]]
         for layer in self.layers:
             x = layer(x, freqs, pos, cond)

@@ -31,7 +31,11 @@ from tokenizer.loading import read_codebook
 class CodeDataConfig:
     codes_dir: str
     augment: bool = True  # one random view per image per epoch; False = always view 0 (the plain center crop)
-    num_workers: int = 2
+    # Reader processes per rank and micro-batches each keeps in flight: a worker reads a batch of 2 KB records
+    # in one sorted pass (about 100-200 batches/s from a cold 2 GB store here, scripts/bench.py data); several
+    # workers keep several batches' reads outstanding when the store sits on network storage.
+    num_workers: int = 4
+    prefetch_factor: int = 4
 
 
 @dataclass(kw_only=True)
@@ -51,8 +55,11 @@ def cross_entropy_per_group(logits: torch.Tensor, codes: torch.Tensor) -> tuple[
     """Mean cross-entropy over positions and groups, and its per-group means (G,).
 
     logits (B, L, G, V), codes (B, L, G). Every group has B * L targets, so the mean equals the mean of the
-    per-group means. Under autocast, cross_entropy runs in float32.
+    per-group means. The logits are cast to float32 here, whatever dtype they arrive in: the model returns float32,
+    but accelerate's bf16 FSDP2 policy (output_dtype=bf16) casts the root module's output back to bf16, and the
+    log-softmax, its backward and the mean would then run in bf16.
     """
+    logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view(codes.shape)  # (B, L, G)
     per_group = ce.mean(dim=(0, 1))
     return per_group.mean(), per_group
@@ -187,6 +194,7 @@ def train(cfg: TrainConfig) -> Path:
                                                   compile=cfg.compile)
     sampler.start_step = trainer.step
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
                         pin_memory=acc.device.type == "cuda",
                         generator=torch.Generator())  # its own generator: iterating draws nothing from the global RNG
     acc.print(f"training {model_cfg.to_dict()} for {max_steps} steps from step {trainer.step} on {acc.num_processes} "

@@ -6,6 +6,7 @@ and the settings: never on the other samples of its batch, the batch size or the
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +42,14 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: uncond + scale * (cond - uncond); scale 1 returns cond exactly."""
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond); scale 1 returns cond exactly.
+
+    `scale` may be a tensor broadcasting to the rows (a compiled step reads it from a table, without recompiling
+    per value); rows whose scale is 1 still get cond bit for bit.
+    """
+    if isinstance(scale, torch.Tensor):
+        return torch.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
     if scale == 1.0:
         return cond
     return uncond + scale * (cond - uncond)
@@ -86,9 +93,13 @@ def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
     return _hash32((seeds & _M32) ^ _hash32(seeds >> 32))
 
 
-def uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
-    """Draw number `counter` (an int in [0, 2**32)) of every sample's stream: float64 in [0, 1), (B,)."""
-    c = _hash32(torch.full_like(keys, counter & _M32))
+def uniforms(keys: torch.Tensor, counter: int | torch.Tensor) -> torch.Tensor:
+    """Draw number `counter` (an int in [0, 2**32), or a (1,) int64 tensor of one) of every sample's stream:
+    float64 in [0, 1), (B,)."""
+    if isinstance(counter, torch.Tensor):
+        c = _hash32(counter & _M32)  # (1,): broadcasts over the samples
+    else:
+        c = _hash32(torch.full_like(keys, counter & _M32))
     return _hash32(_hash32(c ^ keys) ^ c).double() / 2.0**32
 
 
@@ -137,6 +148,54 @@ def _check_settings(G: int, temperature, top_k, top_p, top_k_log2: bool) -> tupl
     return temps, ks, ps
 
 
+def position_step(model, inputs: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor,
+                  temps: tuple, ks: tuple, ps: tuple, guided: bool, first: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the G codes of one image position: trunk step, then per group sub-token logits -> CFG -> filters -> draw.
+
+    inputs: the labels (rows,) when `first` (the class position, prefill), else the codes (B, G) of position
+    pos-1. pos (1,) int64: the image position; keys (B,): the samples' random streams; scales (L, G) float32: the
+    guidance scale per position and group; temps, ks, ps: one value per group. `guided`: the model runs 2B rows, [B, 2B)
+    the null class. Returns the codes (B, G) and a flag (B,) for samples that met a non-finite logit.
+    Everything that changes per position is a tensor, so torch.compile captures one graph for all positions.
+    """
+    B, G = keys.shape[0], len(temps)
+    h = model.prefill(inputs) if first else model.decode_step(torch.cat([inputs, inputs]) if guided else inputs, pos)
+    scale = scales[pos]  # (1, G)
+    bad = torch.zeros(B, dtype=torch.bool, device=keys.device)
+    out, sub = [], None
+    for g in range(G):
+        logits = model.sub_logits(h, g, sub).float()  # (B or 2B, V_g)
+        nonfinite = ~torch.isfinite(logits).all(-1)
+        bad = bad | (nonfinite[:B] | nonfinite[B:] if guided else nonfinite)
+        if guided:
+            logits = cfg_mix(logits[:B], logits[B:], scale[:, g:g + 1])
+        logits = filter_logits(logits, temps[g], ks[g], ps[g])
+        out.append(sample_from_logits(logits, uniforms(keys, pos * G + g)))  # (B,)
+        sub = torch.cat([out[-1]] * 2) if guided else out[-1]
+    return torch.stack(out, dim=1), bad
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_position_step(device_type: str):
+    """`position_step` under torch.compile, built once per device type: fullgraph (no graph breaks), static shapes
+    (dynamic=False: settings, batch and head step are baked in, one graph per such combination and none per
+    position), CUDA graphs on GPU (mode reduce-overhead), inductor's default on CPU."""
+    if device_type not in _COMPILED:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED[device_type] = torch.compile(position_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[device_type]
+
+
+def _guided_until(L: int, guided: bool, cfg_interval: float) -> int:
+    """Positions [0, n) run both CFG halves; from n on only the conditional rows (guidance is off there)."""
+    if not guided:
+        return 0
+    return L if cfg_interval <= -1 else min(L, max(0, math.floor(cfg_interval + 1) + 1))
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -151,16 +210,23 @@ def generate(
     seeds: torch.Tensor | None = None,
     sampled_groups: int | None = None,
     top_k_log2: bool = False,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sample codes (B, L, G) int64 for class labels (B,) with the model's KV cache.
 
     For every position t and group g: sub-token logits -> CFG mix (conditional and null-class halves run as
     one batch of 2B; both continue with the sampled sub-token) -> temperature -> top-k -> top-p -> draw.
-    `cfg_scale`, `temperature`, `top_k`, `top_p`: a scalar or one value per group; top_k 0 and top_p 1 mean no filtering,
+    `cfg_scale` >= 1, a scalar or one value per group: 1 is no guidance (B rows only); like the official samplers,
+    guidance only strengthens the condition, so a scale below 1 is refused. Where `cfg_interval` turns guidance
+    off the null-class rows stop.
+    `temperature`, `top_k`, `top_p`: a scalar or one value per group; top_k 0 and top_p 1 mean no filtering,
     top_k 1 is greedy decoding. `top_k_log2`: read top_k as MGVQ's exponent (k = 2**top_k).
     `seeds` (B,) non-negative int64: each sample's own random stream (None: drawn from torch's generator).
     `sampled_groups` n: only the first n groups are sampled, later ones are decoded greedily (they still
     condition the model but are dropped by a coarse-to-fine decode with the same n).
+    `compile`: run positions 1.. through `compiled_position_step` (same codes; the first call per batch size and
+    settings compiles). A non-finite logit raises FloatingPointError once the batch is done (checked on the
+    device per position, read once at the end, so the loop never waits for the device).
     """
     cfg = model.config
     G, L = cfg.codebook_groups, cfg.seq_len
@@ -175,29 +241,36 @@ def generate(
     if seeds.shape != (B,):
         raise ValueError(f"seeds has shape {tuple(seeds.shape)}, expected ({B},)")
     keys = seed_keys(seeds.to(device))
-
-    scales = per_group(cfg_scale, G, "cfg_scale")
-    guided = any(s != 1.0 for s in scales)
-    if guided:  # rows [0, B) conditional, [B, 2B) the null class
+    group_scales = per_group(cfg_scale, G, "cfg_scale")
+    if any(scale < 1.0 for scale in group_scales):
+        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
+                         f"samplers, which apply guidance only above 1")
+    scales = torch.tensor([[cfg_scale_at(t, L, scale, cfg_interval, cfg_schedule) for scale in group_scales]
+                           for t in range(L)], dtype=torch.float32, device=device)  # (L, G)
+    guided_until = _guided_until(L, any(scale != 1.0 for scale in group_scales), cfg_interval)
+    if guided_until:  # rows [0, B) conditional, [B, 2B) the null class
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+    step = compiled_position_step(device.type) if compile else position_step
+    policy = (tuple(temps), tuple(ks), tuple(ps))
 
     codes = torch.empty(B, L, G, dtype=torch.int64, device=device)
+    bad = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = torch.zeros(1, dtype=torch.int64, device=device)
     model.setup_cache(labels.shape[0])
     try:
-        h = model.prefill(labels)  # (B or 2B, dim)
         for t in range(L):
-            if t > 0:
-                prev = codes[:, t - 1]
-                h = model.decode_step(torch.cat([prev, prev]) if guided else prev, t)
-            scale = [cfg_scale_at(t, L, s, cfg_interval, cfg_schedule) for s in scales]
-            sub = None
-            for g in range(G):
-                logits = model.sub_logits(h, g, sub).float()  # (B or 2B, V)
-                if guided:
-                    logits = cfg_mix(logits[:B], logits[B:], scale[g])
-                logits = filter_logits(logits, temps[g], ks[g], ps[g])
-                codes[:, t, g] = sample_from_logits(logits, uniforms(keys, t * G + g))
-                sub = torch.cat([codes[:, t, g]] * 2) if guided else codes[:, t, g]
+            pos.fill_(t)
+            # The class position runs eagerly: it is one of L and would be a graph of its own.
+            fn = position_step if t == 0 else step
+            if fn is not position_step and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous position's outputs are consumed
+            out, nonfinite = fn(model, labels if t == 0 else codes[:, t - 1], pos, keys, scales, *policy,
+                                guided=t < guided_until, first=t == 0)
+            codes[:, t] = out
+            bad |= nonfinite
     finally:
         model.clear_cache()
+    if bad.any():
+        raise FloatingPointError(f"non-finite (NaN or inf) logits while sampling rows {bad.nonzero().flatten().tolist()}"
+                                 f" of the batch: check the model's weights and the autocast precision")
     return codes

@@ -56,12 +56,17 @@ class SamplerConfig:
     eval_size: Optional[int] = None
     seed: int = 0  # sample i draws from the random stream of seed (seed, i)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the GPT; logits, sampling and the decoder stay fp32)
-    compile: bool = False  # torch.compile the GPT's decode step (CUDA graphs on GPU)
+    # torch.compile each position's step (trunk, sub-tokens, CFG, filters, draw: sampling.generate); CUDA graphs
+    # on GPU. None: on CUDA only, where it removes the launch overhead that dominates; on CPU it compiles for
+    # minutes per batch size and settings for a small gain (README, benchmarks). The codes are the same either way.
+    compile: Optional[bool] = None
 
     def check(self) -> None:
         check_precision(self.precision, ("fp32", "bf16"))
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={self.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
+        if min(self.cfg_scale if isinstance(self.cfg_scale, (list, tuple)) else [self.cfg_scale]) < 1.0:
+            raise ValueError(f"cfg_scale={self.cfg_scale}: expected >= 1 (1 = no guidance)")
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**31")
 
@@ -122,20 +127,29 @@ def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
 
 
+def check_guidance(gpt: GPT, cfg_scale) -> None:
+    """Refuse classifier-free guidance (a scale, or one per group, other than 1) with a GPT whose null class was
+    never trained."""
+    scales = [cfg_scale] if isinstance(cfg_scale, (int, float)) else list(cfg_scale)
+    if any(s != 1 for s in scales) and gpt.config.class_dropout_prob == 0:
+        raise ValueError(
+            f"cfg_scale={cfg_scale} needs a GPT trained with class dropout, but this one has class_dropout_prob=0: "
+            f"its null class (label {gpt.config.num_classes}) never replaced a label in training, so the "
+            f"unconditional logits guidance mixes in come from an untrained embedding. Sample with cfg_scale=1, "
+            f"or train with model.class_dropout_prob > 0 (LlamaGen: 0.1)")
+
+
 class Sampler:
     """labels + seeds -> uint8 images (N, H, W, 3). Demo, DDP sampler and CFG sweep all draw through it."""
 
     def __init__(self, gpt: GPT, tokenizer: MGVQ, config: SamplerConfig, files: ModelFiles | None = None):
         config.check()
+        check_guidance(gpt, config.cfg_scale)
         self.gpt, self.tokenizer, self.config, self.files = gpt.eval(), tokenizer.eval(), config, files
         self.device = next(gpt.parameters()).device
         self.num_classes = gpt.config.num_classes
         self._hashes: dict[str, str] = {}
-        if config.compile:
-            # The model's cached step is compiled in place so generate() calls the compiled one; shapes only grow
-            # along the cache length, which dynamo treats as dynamic after the first recompile.
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            gpt.decode_step = torch.compile(gpt.decode_step, mode=mode)
+        self.compile = self.device.type == "cuda" if config.compile is None else config.compile
 
     @classmethod
     def from_files(cls, files: ModelFiles, config: SamplerConfig, device: torch.device | str = "cpu") -> Sampler:
@@ -146,10 +160,11 @@ class Sampler:
     def codes(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """Codes (B, L, G) int64 for labels (B,) and seeds (B,)."""
         c, dtype = self.config, autocast_dtype(self.config.precision)
+        check_guidance(self.gpt, c.cfg_scale)  # again here: a sweep swaps `config` on a built sampler
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return generate(self.gpt, labels.to(self.device), cfg_scale=c.cfg_scale, cfg_interval=c.cfg_interval,
                             cfg_schedule=c.cfg_schedule, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                            seeds=seeds, top_k_log2=c.top_k_log2)
+                            seeds=seeds, top_k_log2=c.top_k_log2, compile=self.compile)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, groups_to_use: int | None = None) -> np.ndarray:

@@ -2,7 +2,9 @@
 
     python scripts/bench.py extract --preset mgvq-f16c32-g4 --image-size 256 --batch-size 32
     python scripts/bench.py train --preset gpt_b --batch-size 8
-    python scripts/bench.py sample --preset gpt_b --batch-size 32 --cfg-scale 2.0
+    python scripts/bench.py sample --preset gpt_b --batch-size 32 --cfg-scale 2.0 [--compile] [--precision bf16]
+    python scripts/bench.py data --images 50000 --views 20 --batch-size 32 --workers 4
+    python scripts/bench.py store --out /tmp/codes --images 4096   (a synthetic store, for gpu_check.sh)
 """
 import argparse
 
@@ -55,11 +57,35 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5)
 
 
+# Dense peak TFLOP/s by GPU name (bf16 / fp16 tensor cores; fp32 uses TF32 figures), first match wins.
+PEAK_TFLOPS = [("H100 PCIe", 756, 378), ("H100", 989, 495), ("H200", 989, 495), ("GH200", 989, 495),
+               ("B200", 2250, 1100), ("A100", 312, 156), ("L40S", 362, 183), ("L4", 121, 60), ("A10", 125, 62)]
+
+
+def peak_tflops(device, precision: str) -> float | None:
+    """The device's dense peak for `precision`, or PEAK_TFLOPS from the environment; None when unknown (CPU)."""
+    import os
+
+    import torch
+
+    if os.environ.get("PEAK_TFLOPS"):
+        return float(os.environ["PEAK_TFLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, tf32 in PEAK_TFLOPS:
+        if key in name:
+            return half if precision in ("bf16", "fp16") else tf32
+    return None
+
+
 def bench_train(args: argparse.Namespace) -> None:
     """Optimizer steps of a GPT preset on random codes: forward, cross-entropy, backward, clip, fused AdamW."""
+    import contextlib
     import time
 
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from gpt import GPT, GPTConfig
     from gpt.train import TrainConfig, cross_entropy_per_group
@@ -79,8 +105,11 @@ def bench_train(args: argparse.Namespace) -> None:
     labels = torch.randint(1000, (args.batch_size,), device=device)
     dtype = autocast_dtype(args.precision)
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernels = (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)) if args.attention == "flash" else contextlib.nullcontext
+
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), kernels():
             loss, _ = cross_entropy_per_group(step_fn(codes, labels), codes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -94,15 +123,21 @@ def bench_train(args: argparse.Namespace) -> None:
     for _ in range(args.warmup):
         step()
     sync()
+    with FlopCounterMode(display=False) as counter:  # matmuls and attention of one step, forward and backward
+        step()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     seconds = (time.perf_counter() - start) / args.steps
     params = sum(p.numel() for p in model.parameters())
+    flops = counter.get_total_flops()
+    peak = peak_tflops(device, args.precision)
+    mfu = f"MFU {flops / seconds / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else "MFU n/a (unknown peak)"
     print(f"train {args.preset} ({params / 1e6:.1f}M params, head {args.head}) batch {args.batch_size} x {L} tokens "
-          f"x G{args.groups}, {args.precision}, compile={args.compile}, {device}: {seconds * 1e3:.1f} ms/step, "
-          f"{args.batch_size * L / seconds:,.0f} tokens/s")
+          f"x G{args.groups}, {args.precision}, compile={args.compile}, attention {args.attention}, {device}: "
+          f"{seconds * 1e3:.1f} ms/step, {args.batch_size * L / seconds:,.0f} tokens/s, "
+          f"{flops / seconds / 1e12:.1f} TFLOP/s, {mfu}")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
@@ -116,6 +151,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codes-per-group", type=int, default=8192, help="MGVQ-G4: 32768 codes = 4 x 8192")
     p.add_argument("--head", choices=["parallel", "ar"], default="ar")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", choices=["auto", "flash"], default="auto", help="flash: only the flash SDPA kernel "
+                   "(fails where it cannot run)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
 
@@ -156,24 +193,39 @@ def bench_sample(args: argparse.Namespace) -> None:
     seeds = torch.arange(B)
     codes = None
 
-    def gen() -> None:
+    def gen(compiled: bool) -> None:
         nonlocal codes
         with autocast():
-            codes = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=seeds)
+            codes = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=seeds, compile=compiled)
 
     name = f"{args.preset} head {args.head} batch {B} cfg {args.cfg_scale} {args.precision} {device}"
+    modes = [False, True] if args.compile else [False]
+    seconds = {}
     if args.steps:
-        seconds = timed(gen, args.steps)
-        print(f"sample {name}, {args.grid}x{args.grid} codes x G{G}: {seconds:.2f} s/batch, "
-              f"{B * L / seconds:,.0f} positions/s, {B / seconds:.2f} images/s (codes only)")
+        for compiled in modes:  # warm-up: the compiled one compiles its graphs here, reported on its own
+            warm = timed(lambda: gen(compiled), 1, warmup=False)
+            print(f"sample {name} {'compiled' if compiled else 'eager'}: warm-up {warm:.2f} s"
+                  + (" (compiling its graphs)" if compiled else ""))
+        runs = {compiled: [] for compiled in modes}
+        for _ in range(args.steps):  # interleaved, so a shared machine's load falls on both alike
+            for compiled in modes:
+                runs[compiled].append(timed(lambda: gen(compiled), 1, warmup=False))
+        for compiled, times in runs.items():
+            seconds[compiled] = sum(times) / len(times)
+            print(f"sample {name} {'compiled' if compiled else 'eager'}, {args.grid}x{args.grid} codes x G{G}: "
+                  f"{seconds[compiled]:.2f} s/batch (best {min(times):.2f}), {B * L / seconds[compiled]:,.1f} "
+                  f"positions/s, {B / seconds[compiled]:.3f} images/s (codes only)")
     if args.steps and args.tokenizer_preset:
         tok_name, _, groups = args.tokenizer_preset.rpartition("-g")
         tokenizer = MGVQ(MGVQConfig.preset(tok_name, int(groups))).to(device).eval()
         grid_codes = codes.view(B, args.grid, args.grid, G)
         decode = timed(lambda: tokenizer.decode_codes(grid_codes), 1)
+        fastest = min(seconds.values())
         print(f"  + decode {tok_name} ({args.grid * tokenizer.config.downsample}px): {decode:.2f} s/batch, "
-              f"{B / (seconds + decode):.2f} images/s with decoding")
+              f"{B / (fastest + decode):.3f} images/s with decoding")
 
+    if not args.step_repeats:
+        return
     # One trunk step at the middle of the sequence, against the same GEMMs on preallocated tensors.
     t = L // 2
     prev = torch.randint(K, (rows, G), device=device)
@@ -201,23 +253,30 @@ def bench_sample(args: argparse.Namespace) -> None:
             torch.matmul(scores, v_cache[:, :, :t + 1], out=attended)
 
     # Interleaved and the fastest of each: on a shared machine the minimum is what the code itself costs.
+    # The step attends over the whole static cache (L positions, masked); the reference over the t+1 it needs.
     model.setup_cache(rows)
-    best = {"step": float("inf"), "gemms": float("inf"), "attention": float("inf")}
+    pos = torch.tensor([t], device=device)
+    fns = {"eager step": lambda: model.decode_step(prev, pos), "gemms": weight_gemms, "attention": attention}
+    if args.compile:
+        compiled_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                                      mode="reduce-overhead" if device.type == "cuda" else None)
+        fns["compiled step"] = lambda: compiled_step(prev, pos)
+    best = dict.fromkeys(fns, float("inf"))
     with torch.no_grad(), autocast():
         model.prefill(torch.randint(1000, (rows,), device=device))
-        fns = {"step": lambda: model.decode_step(prev, t), "gemms": weight_gemms, "attention": attention}
         for fn in fns.values():
-            fn()  # warm-up
+            fn()  # warm-up (and compile)
         for _ in range(args.step_repeats):
             for key, fn in fns.items():
                 best[key] = min(best[key], timed(fn, 1, warmup=False))
     model.clear_cache()
-    step, gemm_s, attn_s = best["step"], best["gemms"], best["attention"]
+    gemm_s, attn_s = best["gemms"], best["attention"]
     alone = gemm_s + attn_s
     flops = 2 * rows * sum(k * n for k, n in shapes)
-    print(f"{name}: decode step (trunk, t={t}, {rows} rows) {step * 1e3:.2f} ms; its matmuls alone {alone * 1e3:.2f} ms "
-          f"= weight GEMMs {gemm_s * 1e3:.2f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s) + attention {attn_s * 1e3:.2f} ms: "
-          f"ratio {step / alone:.2f}")
+    print(f"{name}: trunk step at t={t}, {rows} rows: its matmuls alone {alone * 1e3:.2f} ms = weight GEMMs "
+          f"{gemm_s * 1e3:.2f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s) + attention over t+1 {attn_s * 1e3:.2f} ms")
+    for key in fns.keys() - {"gemms", "attention"}:
+        print(f"  {key} {best[key] * 1e3:.2f} ms: ratio {best[key] / alone:.2f}")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -232,7 +291,126 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codes-per-group", type=int, default=8192, help="MGVQ-G4: 32768 codes = 4 x 8192")
     p.add_argument("--tokenizer-preset", default="mgvq-f16c32-g4", help="decoder to time ('' skips decoding)")
     p.add_argument("--steps", type=int, default=1, help="timed generations after one warm-up (0: decode step only)")
-    p.add_argument("--step-repeats", type=int, default=20, help="timed decode steps")
+    p.add_argument("--step-repeats", type=int, default=20, help="timed decode steps (0: none)")
+    p.add_argument("--compile", action="store_true", help="also time generate(compile=True), interleaved with eager")
+
+
+def write_synthetic_store(root, images: int, views: int, grid: int, groups: int, chunk: int = 2000):
+    """A code store of random codes with the layout extraction writes (StoreWriter), `images` x `views` records."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from tokenizer.store import StoreWriter
+
+    spec = {"tokenizer": {"synthetic": True}, "tokenizer_sha256": "0" * 64, "image_size": grid * 16,
+            "views": "synthetic", "num_views": views, "groups": groups, "codes_per_group": 8192,
+            "grid": [grid, grid], "num_images": images, "num_classes": 1000,
+            "class_names": [str(i) for i in range(1000)], "files_fingerprint": f"synthetic-{images}"}
+    writer = StoreWriter(root, spec)
+    rng = np.random.default_rng(0)
+    writer.create(rng.integers(1000, size=images))
+    writer.open()
+    for start in tqdm(range(0, images, chunk), desc="writing synthetic store", unit="chunk"):
+        idx = np.arange(start, min(start + chunk, images))
+        codes = rng.integers(8192, size=(len(idx), views, grid, grid, groups), dtype=np.uint16)
+        writer.write(idx, codes, np.zeros(len(idx), bool))
+    writer.finalize([f"{i}.JPEG" for i in range(images)])
+    writer.close()
+    return root
+
+
+def drop_page_cache(path) -> None:
+    """Evict `path` (and only it: the machine may be shared) from the page cache: sync, then POSIX_FADV_DONTNEED."""
+    import os
+
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    """Batches/s of the training loader over a synthetic store of realistic size, cold and warm page cache.
+
+    `per-item` is the old path (one memmap read per sample, default kernel readahead); `batched` is
+    CodeDataset.__getitems__ (MADV_RANDOM, MADV_WILLNEED on the batch's pages, one sorted pass). Cold: the
+    store's pages are evicted first; warm: the same batches again, now cached.
+    """
+    import mmap
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gpt.data import CodeDataset
+    from tokenizer.common.runs import GlobalBatchSampler
+
+    class PerItem(CodeDataset):
+        __getitems__ = None  # the DataLoader then calls __getitem__ per sample
+
+        def _open(self, codes) -> None:
+            super()._open(codes)
+            if self._map is not None:
+                self._map.madvise(mmap.MADV_NORMAL)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_", dir=args.dir))
+    try:
+        root = write_synthetic_store(tmp / "codes", args.images, args.views, args.grid, args.groups)
+        size = (root / "codes.npy").stat().st_size
+        print(f"store {args.images} images x {args.views} views x {args.grid}x{args.grid} x G{args.groups}: "
+              f"{size / 2**30:.2f} GiB; per-rank batch {args.batch_size} (rank 0 of {args.ranks}), "
+              f"{args.workers} workers, prefetch {args.prefetch}")
+        for cls, name in ((PerItem, "per-item"), (CodeDataset, "batched")):
+            dataset = cls(root, seed=0)
+            sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), args.batch_size * args.ranks, rank=0,
+                                         world_size=args.ranks)
+            for cache in ("cold", "warm"):
+                if cache == "cold":
+                    drop_page_cache(root / "codes.npy")
+                loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                    prefetch_factor=args.prefetch if args.workers else None)
+                batches = iter(loader)
+                start = time.perf_counter()
+                for _ in range(args.batches):
+                    next(batches)
+                seconds = time.perf_counter() - start
+                del batches
+                print(f"  {name:8s} {cache}: {args.batches / seconds:8.1f} batches/s, "
+                      f"{args.batches * args.batch_size / seconds:10,.0f} samples/s")
+    finally:
+        shutil.rmtree(tmp)
+
+
+def bench_store(args: argparse.Namespace) -> None:
+    """Write a synthetic code store (random codes) to --out, e.g. for a training run that checks a machine."""
+    root = write_synthetic_store(args.out, args.images, args.views, args.grid, args.groups)
+    print(f"synthetic code store: {root}")
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--groups", type=int, default=4)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=50000, help="50000 x 20 views at 16x16 x G4 is 2 GB")
+    p.add_argument("--views", type=int, default=20, help="ten-crop + flip")
+    p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank (global 256 on 8 GPUs)")
+    p.add_argument("--ranks", type=int, default=8, help="the global batch is batch-size x ranks; rank 0 is read")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--prefetch", type=int, default=4, help="batches each worker reads ahead")
+    p.add_argument("--batches", type=int, default=300, help="timed batches per measurement")
+    p.add_argument("--dir", default=None, help="where the temporary store goes (default: the system temp dir)")
 
 
 def main() -> None:
@@ -242,12 +420,17 @@ def main() -> None:
         ("extract", add_extract_args, bench_extract),
         ("train", add_train_args, bench_train),
         ("sample", add_sample_args, bench_sample),
+        ("data", add_data_args, bench_data),
+        ("store", add_store_args, bench_store),
     ]:
         p = sub.add_parser(name)
         p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+        p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
         add_args(p)
         p.set_defaults(fn=fn)
     args = parser.parse_args()
+    if args.threads:
+        __import__("torch").set_num_threads(args.threads)
     args.fn(args)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, load_gpt
-from gpt.model import rope_2d
+from gpt.model import DropPath, rope_2d
 
 V = 16  # codes per group in the tiny models
 
@@ -134,6 +134,24 @@ def test_label_dropout_and_eval_determinism():
     torch.testing.assert_close(train_null, eval_null, rtol=0, atol=1e-6)
 
 
+def test_drop_path_turns_resid_and_ffn_dropout_off_as_llamagen():
+    """LlamaGen's train_c2i.py: drop_path_rate > 0 sets resid and ffn dropout to 0; token dropout stays."""
+    def block_rates(model):
+        return {(m.__class__.__name__, round(m.p, 6)) for m in model.modules() if isinstance(m, (torch.nn.Dropout,
+                                                                                                  DropPath))}
+
+    dropouts = dict(token_dropout_p=0.1, resid_dropout_p=0.2, ffn_dropout_p=0.3, attn_dropout_p=0.05)
+    plain = GPT(tiny_config(**dropouts, n_layer=3))
+    assert plain.config.block_dropout == (0.2, 0.3)
+    assert block_rates(plain) == {("Dropout", 0.1), ("Dropout", 0.2), ("Dropout", 0.3), ("DropPath", 0.0)}
+    assert plain.layers[0].attention.attn_dropout_p == 0.05
+    deep = GPT(tiny_config(**dropouts, n_layer=3, drop_path_rate=0.2))
+    assert deep.config.resid_dropout_p == 0.2 and deep.config.block_dropout == (0.0, 0.0)  # the config keeps its value
+    assert block_rates(deep) == {("Dropout", 0.1), ("Dropout", 0.0), ("DropPath", 0.0), ("DropPath", 0.1),
+                                 ("DropPath", 0.2)}
+    assert deep.layers[0].attention.attn_dropout_p == 0.05 and deep.tok_dropout.p == 0.1
+
+
 def test_label_dropout_rate():
     model = tiny_model(class_dropout_prob=0.25).train()
     labels = torch.zeros(20000, dtype=torch.long)
@@ -225,3 +243,17 @@ def test_codes_shape_is_checked():
         model(torch.zeros(1, 17, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="decode_step position"):
         model.decode_step(torch.zeros(1, 4, dtype=torch.long), 16)
+
+
+@pytest.mark.parametrize("head", ["parallel", "ar", "factorized"])
+def test_forward_with_bf16_weights_and_float32_buffers(head):
+    """FSDP2's bf16 policy: parameters run in bf16 without autocast while buffers (codebook, RoPE) stay float32."""
+    model = tiny_model(head=head, input_embedding="learned" if head == "factorized" else "codebook")
+    codes, labels = random_inputs(model.config)
+    with torch.no_grad():
+        want = model(codes, labels)
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
+        got = model(codes, labels)
+    assert got.dtype == torch.float32 and all(b.dtype != torch.bfloat16 for b in model.buffers())
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()

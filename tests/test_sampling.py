@@ -180,3 +180,68 @@ def test_settings_are_checked_and_log2_top_k_is_mgvq_s():
     seeds = torch.tensor([5])
     codes = generate(model, labels, seeds=seeds, sampled_groups=2)
     assert torch.equal(codes, replay(model, labels, codes, seeds, top_k=[0, 0, 1, 1]))
+
+
+def test_cfg_scale_below_one_is_refused_and_nan_logits_raise():
+    model = tiny_gpt("parallel", grid=2)
+    labels = torch.tensor([1, 4, 7])
+    with pytest.raises(ValueError, match="cfg_scale=0.5"):
+        generate(model, labels, cfg_scale=0.5)
+    with torch.no_grad():
+        model.cls_embedding.embedding_table.weight[4] = float("nan")  # only the sample of label 4 breaks
+    for cfg_scale in (1.0, 2.0):
+        with pytest.raises(FloatingPointError, match=r"rows \[1\]"):
+            generate(model, labels, cfg_scale=cfg_scale, seeds=torch.tensor([1, 2, 3]))
+
+
+def small_gpt(head: str, grid: int = 3) -> GPT:
+    """Two groups and a one-layer AR head: the smallest model whose compiled step still holds every part."""
+    torch.manual_seed(0)
+    config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=grid, num_classes=10,
+                              codebook_embed_dim=8, head=head, input_embedding="codebook", ar_head_layers=1)
+    model = GPT(config, codebook=torch.randn(32, 4))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+# Guided positions 1..3 (cfg_interval 2, a linear ramp of the scale), conditional-only positions 4..8: two graphs.
+COMPILE_SETTINGS = dict(cfg_scale=2.5, cfg_interval=2, cfg_schedule="linear", temperature=[1.3, 0.7], top_k=[5, 3],
+                        top_p=[1.0, 0.8])
+
+
+@pytest.mark.parametrize("head", ["parallel", "ar"])
+def test_compiled_generate_draws_the_eager_codes_with_one_graph_per_phase(head):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, labels, seeds = small_gpt(head), torch.tensor([1, 4, 7]), torch.tensor([11, 12, 2**40])
+    eager = generate(model, labels, seeds=seeds, **COMPILE_SETTINGS)
+    compiled = generate(model, labels, seeds=seeds, compile=True, **COMPILE_SETTINGS)
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 2  # 9 positions: the class one runs eagerly, then two phases
+    again = generate(model, labels, seeds=seeds + 1, compile=True, **COMPILE_SETTINGS)  # same batch and settings
+    assert counters["stats"]["unique_graphs"] == 2
+    assert torch.equal(again, generate(model, labels, seeds=seeds + 1, **COMPILE_SETTINGS))
+    torch._dynamo.reset()
+
+
+def test_compiled_graph_count_does_not_grow_with_the_sequence(monkeypatch):
+    """Dynamo alone (backend eager: the same capture, no code generation) over 4 and 16 positions."""
+    import importlib
+
+    from torch._dynamo.utils import counters
+
+    gen = importlib.import_module("sampling.generate")  # the module: the package exports its function `generate`
+    step = torch.compile(gen.position_step, backend="eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(gen, "_COMPILED", {"cpu": step})
+    graphs = []
+    for grid in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        generate(small_gpt("ar", grid), torch.tensor([1, 4]), seeds=torch.tensor([1, 2]), compile=True,
+                 **{**COMPILE_SETTINGS, "cfg_interval": 0})  # position 1 guided, 2.. not
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 2]
+    torch._dynamo.reset()

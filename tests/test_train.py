@@ -94,6 +94,20 @@ def test_loss_is_mean_cross_entropy_over_positions_and_groups():
     torch.testing.assert_close(loss, nll.sum() / 30, rtol=1e-6, atol=1e-6)
 
 
+def test_loss_is_float32_for_bf16_logits():
+    """accelerate's bf16 FSDP2 policy hands the loss bf16 logits; log-softmax and the mean still run in float32."""
+    torch.manual_seed(0)
+    logits, codes = torch.randn(4, 16, 3, 64).bfloat16().requires_grad_(), torch.randint(64, (4, 16, 3))
+    loss, per_group = T.cross_entropy_per_group(logits, codes)
+    assert loss.dtype == per_group.dtype == torch.float32
+    want, _ = T.cross_entropy_per_group(logits.detach().float(), codes)
+    assert torch.equal(loss, want)
+    loss.backward()
+    upcast = logits.detach().float().requires_grad_()
+    T.cross_entropy_per_group(upcast, codes)[0].backward()
+    assert torch.equal(logits.grad, upcast.grad.bfloat16())  # the float32 gradient, rounded once at the end
+
+
 def test_data_order_is_the_same_for_any_number_of_processes(tmp_path, golden):
     dataset = CodeDataset(write_store(tmp_path / "codes", golden, num_images=21, unlabeled=(2, 9)), seed=5)
     assert len(dataset) == 19  # label -1 left out
@@ -117,6 +131,57 @@ def test_data_order_is_the_same_for_any_number_of_processes(tmp_path, golden):
     assert codes.shape == (HW * HW, G) and codes.dtype == torch.int64 and label.item() == 0
     flipped = codes.view(HW, HW, G).flip(1).reshape(-1, G)
     torch.testing.assert_close(flipped, dataset[(4, 0)][0])
+
+
+def test_batched_reads_equal_item_reads(tmp_path, golden):
+    """`__getitems__` (sorted, one pass, what the DataLoader calls) returns exactly the per-item samples."""
+    dataset = CodeDataset(write_store(tmp_path / "codes", golden, num_images=40, hw=8), seed=5)
+    keys = [(37, 1), (3, 0), (20, 1), (3, 1), (37, 1), (0, 0), (39, 1)]  # unsorted, a repeat, both views of one
+    batched = dataset.__getitems__(keys)
+    assert len(batched) == len(keys)
+    for (codes, label), key in zip(batched, keys):
+        want_codes, want_label = dataset[key]
+        assert torch.equal(codes, want_codes) and torch.equal(label, want_label) and codes.dtype == torch.int64
+    sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), global_batch_size=8, grad_accum=1)
+    for workers in (0, 1):
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+        plan = iter(sampler)
+        for _ in range(6):  # across an epoch boundary
+            codes, labels = next(loader)
+            items = [dataset[k] for k in next(plan)]
+            assert torch.equal(codes, torch.stack([c for c, _ in items]))
+            assert torch.equal(labels, torch.stack([y for _, y in items]))
+        del loader
+
+
+def test_batched_reads_ask_for_exactly_the_pages_of_their_records(tmp_path, golden):
+    """MADV_WILLNEED ranges: page-aligned, disjoint, sorted, covering every record's bytes and nothing more."""
+    import mmap
+
+    dataset = CodeDataset(write_store(tmp_path / "codes", golden, num_images=40, hw=8))
+    calls = []
+
+    class Recorder:
+        def __len__(self):
+            return len(real)
+
+        def madvise(self, option, start, length):
+            calls.append((option, start, length))
+
+    real, dataset._map = dataset._map, Recorder()
+    record_bytes = 8 * 8 * G * 2
+    assert dataset._record_bytes == record_bytes and dataset._data_start == 128  # after the .npy header
+    keys = [(37, 1), (3, 0), (20, 1), (3, 1), (0, 0), (39, 1), (21, 0)]
+    dataset.__getitems__(keys)
+    page = mmap.PAGESIZE
+    assert all(op == mmap.MADV_WILLNEED and start % page == 0 and length > 0 for op, start, length in calls)
+    ranges = [(start, start + length) for _, start, length in calls]
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # sorted, with a gap between
+    wanted = set()
+    for i, v in keys:
+        begin = 128 + (i * 2 + v) * record_bytes
+        wanted |= set(range(begin // page, (begin + record_bytes - 1) // page + 1))
+    assert {p for a, b in ranges for p in range(a // page, -(-b // page))} == wanted
 
 
 def test_stop_and_resume_equals_a_straight_run(tmp_path, store, golden, monkeypatch):
@@ -223,10 +288,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, sto
 
     monkeypatch.setattr(T, "cross_entropy_per_group", nan_on_step_5)
     cfg = train_config(store, tmp_path / "run", golden)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5.*step_0000004"):
-        T.train(cfg)
+    with pytest.raises(FloatingPointError, match=r"not finite at step 5: stopping at step 6.*step_0000004"):
+        T.train(cfg)  # no host sync per step: seen at the next log line (step 6), before it is logged or saved
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000002", "step_0000004"]
     assert not (tmp_path / "run/export").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "run/log.jsonl").read_text().splitlines()] == [2, 4]
     state = json.loads((tmp_path / "run/checkpoints/step_0000004/train_state.json").read_text())
     weights = load_file(tmp_path / "run/checkpoints/step_0000004/model.safetensors")
     assert state["step"] == 4 and all(torch.isfinite(w).all() for w in weights.values())

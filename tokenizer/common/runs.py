@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import Sampler
 from tqdm import tqdm
@@ -81,6 +81,46 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+
+class ShardedEMA:
+    """EMA of an FSDP2 model's parameters, sharded as they are: each rank keeps float32 copies of its own shards
+    (DTensors), so the EMA costs one float32 model per world, not per rank. Gathered only to be written: for a
+    checkpoint (`state_dict`, main process; every rank reads it back and keeps its shard) and for the export.
+    Buffers are the live model's, as with `EMA`."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.live = decay, model
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shadow = [p.detach().float().clone() for p in model.parameters()]  # DTensors, sharded like the model
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """The full EMA weights and the live buffers, on the CPU of the main process ({} elsewhere). Collective:
+        every rank must call it (accelerate's save_state does)."""
+        from torch.distributed.tensor import DTensor
+
+        main = PartialState().is_main_process
+        shadow, out = dict(zip(self.names, self.shadow)), {}
+        for name, value in self.live.state_dict().items():
+            value = shadow.get(name, value)
+            value = value.full_tensor() if isinstance(value, DTensor) else value  # one tensor gathered at a time
+            if main:
+                out[name] = value.detach().cpu()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Take this rank's shards of the full weights `state` (buffers come back with the model)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for name, mine in zip(self.names, self.shadow):
+            full = state[name].to(device=mine.device, dtype=mine.dtype)
+            mine.copy_(distribute_tensor(full, mine.device_mesh, mine.placements))
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -254,10 +294,13 @@ class Trainer:
                                        gradient_accumulation_steps=cfg.grad_accum,
                                        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps
                                        **accelerator_kwargs)
-        set_seed(cfg.seed, device_specific=True)  # dropout / masking streams differ per rank; data order does not use them
+        # The same stream on every rank while the model is built: FSDP does not broadcast rank 0's weights as DDP
+        # does, so a per-rank seed here would shard a different model on every rank. prepare() then seeds per rank.
+        set_seed(cfg.seed)
         self.device = self.accelerator.device
         self.is_fsdp = self.accelerator.distributed_type == DistributedType.FSDP
-        self.ema: EMA | None = None
+        self.ema: EMA | ShardedEMA | None = None
+        self.first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # first non-finite step, 0: none
         self.step, self.resume_from, self.identity = 0, None, {}
         self.log_path = self.out_dir / "log.jsonl"
 
@@ -275,16 +318,21 @@ class Trainer:
     def prepare(self, model: nn.Module, *objects, ema_of: nn.Module | None = None, compile: bool = False):
         """accelerate's `prepare` of the model, optimizers and schedulers; before it, an EMA of `ema_of` (default:
         the model) when cfg.ema > 0, registered for checkpointing, and `compile` of the model in place (parameter
-        names, so checkpoints and exports, stay the plain model's); after it, the resume. Returns the prepared."""
-        if self.cfg.ema:
-            if self.is_fsdp:
-                raise ValueError("ema is not supported with FSDP (the EMA copy would need sharding too): set ema=0")
+        names, so checkpoints and exports, stay the plain model's); after it, the resume. Under FSDP the EMA is
+        built after `prepare`, from the model's shards (ShardedEMA). Returns the prepared objects."""
+        set_seed(self.cfg.seed, device_specific=True)  # dropout / masking streams differ per rank from here on
+        if self.cfg.ema and self.is_fsdp and ema_of is not None:
+            raise ValueError("ema of a part of the model is not supported with FSDP: set ema=0")
+        if self.cfg.ema and not self.is_fsdp:
             self.ema = EMA(ema_of if ema_of is not None else model, self.cfg.ema)
             self.ema.model.to(self.device)
             self.accelerator.register_for_checkpointing(self.ema)
         if compile:
             model.compile()
         prepared = self.accelerator.prepare(model, *objects)
+        if self.cfg.ema and self.is_fsdp:
+            self.ema = ShardedEMA(prepared[0] if objects else prepared, self.cfg.ema)
+            self.accelerator.register_for_checkpointing(self.ema)
         if self.resume_from is not None:
             if not (self.resume_from / f"random_states_{self.accelerator.process_index}.pkl").is_file():
                 self.accelerator.print(f"warning: {self.resume_from} holds no RNG state for rank "
@@ -298,18 +346,30 @@ class Trainer:
         return prepared
 
     def apply_gradients(self, model: nn.Module, optimizer, scheduler, loss: torch.Tensor) -> torch.Tensor:
-        """After the step's last backward: stop on a non-finite loss (on every rank alike, before anything is
-        applied), clip, step the optimizer and the schedule. Returns the gradient norm before clipping."""
-        mean_loss = self.accelerator.reduce(loss.detach(), reduction="mean").item()
-        if not math.isfinite(mean_loss):
-            last = list_checkpoints(self.out_dir)
-            raise FloatingPointError(f"loss is {mean_loss} at step {self.step + 1}: stopping; the last good checkpoint "
-                                     f"is {last[-1] if last else 'none (no checkpoint written yet)'}")
+        """After the step's last backward: clip, step the optimizer and the schedule; returns the gradient norm
+        before clipping. Nothing here waits for the device: a non-finite loss or gradient norm is only recorded
+        (the first such step, on the device), and `check_finite` stops the run at the next log line or checkpoint,
+        before anything computed after it is logged or saved."""
         grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.grad_clip or math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.step + 1, self.first_bad)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError, on every rank alike, if a step since the start had a non-finite loss or
+        gradient norm. One read of the device per call: at log lines and checkpoints only."""
+        flags = self.accelerator.gather(self.first_bad[None])  # (num_processes,)
+        bad = flags[flags > 0]
+        if len(bad):
+            last = list_checkpoints(self.out_dir)
+            raise FloatingPointError(
+                f"loss or gradient norm is not finite at step {int(bad.min())}: stopping at step {self.step} without "
+                f"logging or saving it; the last good checkpoint is "
+                f"{last[-1] if last else 'none (no checkpoint written yet)'}")
 
     def run(self, max_steps: int, step_fn: Callable[[], dict[str, torch.Tensor]], *, ema_source: nn.Module | None = None,
             describe: Callable[[dict, dict, int, float], dict], lr: Callable[[], float], state: Callable[[int], dict],
@@ -329,6 +389,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(ema_source)
             if self.step % cfg.log_every == 0 or self.step == max_steps:
+                self.check_finite()
                 means, steps, seconds = window.flush(acc)
                 record = describe({"step": self.step, "lr": lr(), "steps_per_s": steps / seconds,
                                    "num_processes": acc.num_processes}, means, steps, seconds)
@@ -338,6 +399,7 @@ class Trainer:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=self.step)
             if self.step % cfg.ckpt_every == 0 or self.step == max_steps:
+                self.check_finite()
                 save_checkpoint(acc, self.out_dir, self.step, {
                     **state(self.step), "identity": self.identity, "num_processes": acc.num_processes,
                     "config": json_ready(dataclasses.asdict(cfg))}, cfg.keep_last)

@@ -1,0 +1,69 @@
+"""Test helper: scripts/train_gpt.py under accelerate's FSDP2 path, on gloo CPU ranks.
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file conf/accelerate/fsdp.yaml --num_processes 2 \
+        tests/fsdp_cpu_train.py <train_gpt.py overrides>
+
+accelerate (1.15) picks FSDP only for accelerator devices: AcceleratorState's FSDP branch sits under the
+multi-GPU-like distributed types, so on CPU it stays MULTI_CPU and ignores the plugin. Everything FSDP2 does
+after that choice runs on gloo CPU ranks: `fully_shard` with the plugin's wrap policy (each `Block` a unit) and
+mixed-precision policy (bf16: param, reduce and output dtype bf16), sharded checkpoints through
+torch.distributed.checkpoint, `get_state_dict` gathering the shards. So this helper sets the distributed type to
+FSDP by hand right after an Accelerator is built, with the plugin accelerate made from the FSDP_* variables that
+`accelerate launch --config_file conf/accelerate/fsdp.yaml` exported, and then runs the real entry point.
+
+Probes for the tests, from environment variables:
+    FSDP_PROBE=<file>      rank 0 writes the dtypes the loss function saw, as JSON lines
+    FSDP_KILL_AT=<n>       the process exits (os._exit) when the loss function is called for the n-th time
+"""
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import accelerate
+from accelerate import DistributedType
+from accelerate.state import PartialState
+from accelerate.utils import FullyShardedDataParallelPlugin
+
+import gpt.train
+
+REPO = Path(__file__).resolve().parents[1]
+_init = accelerate.Accelerator.__init__
+
+
+def _init_forcing_fsdp(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false") != "true":
+        raise RuntimeError("launch with --config_file conf/accelerate/fsdp.yaml: no FSDP settings in the environment")
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables, as Accelerator() builds it
+    if self.state.mixed_precision != "no":
+        plugin.set_mixed_precision(self.state.mixed_precision)
+    for state in (self.state, PartialState()):
+        state.distributed_type = DistributedType.FSDP
+    self.state.fsdp_plugin = plugin
+
+
+def _probed(loss_fn):
+    calls = []
+
+    def probe(logits, codes):
+        calls.append(1)
+        if len(calls) == int(os.environ.get("FSDP_KILL_AT", 0)):
+            os._exit(3)
+        loss, per_group = loss_fn(logits, codes)
+        if os.environ.get("FSDP_PROBE") and PartialState().is_main_process:
+            with open(os.environ["FSDP_PROBE"], "a") as f:
+                f.write(json.dumps({"logits": str(logits.dtype), "loss": str(loss.dtype),
+                                    "per_group": str(per_group.dtype)}) + "\n")
+        return loss, per_group
+
+    return probe
+
+
+if __name__ == "__main__":
+    accelerate.Accelerator.__init__ = _init_forcing_fsdp
+    gpt.train.cross_entropy_per_group = _probed(gpt.train.cross_entropy_per_group)
+    sys.argv[0] = str(REPO / "scripts" / "train_gpt.py")
+    sys.path.insert(0, str(REPO / "scripts"))  # as when the script itself is run: it imports _hydra beside it
+    runpy.run_path(sys.argv[0], run_name="__main__")
