@@ -9,8 +9,9 @@ from typing import Any
 HEADS = ("parallel", "ar", "factorized")
 INPUT_EMBEDDINGS = ("codebook", "learned")
 
-# LlamaGen's class-conditional sizes (layers x width x heads), a tiny one for tests, and the quickstart's. The only
-# copy: the hydra `model` group is registered from `GPTConfig.named_presets()` (scripts/_hydra.py).
+_IBQ = {"class_adaln": True, "input_embedding": "learned"}
+# LlamaGen's and IBQ-AR's class-conditional sizes (layers x width x heads), a tiny one for tests, and the
+# quickstart's. The only copy: the hydra `model` group is registered from `GPTConfig.named_presets()`.
 PRESETS = {
     "gpt_b": {"n_layer": 12, "dim": 768, "n_head": 12},
     "gpt_l": {"n_layer": 24, "dim": 1024, "n_head": 16},
@@ -21,6 +22,11 @@ PRESETS = {
     # 16x16 digits (4x4 codes of 4 groups): MGVQ's AR head, no dropout (1,438 images, every class drawn faithfully)
     "digits": {"n_layer": 4, "dim": 128, "n_head": 4, "multiple_of": 64, "head": "ar", "token_dropout_p": 0.0,
                "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0},
+    # IBQ-AR (SEED-Voken configs/IBQ/gpu/imagenet_conditional_llama_*.yaml): adaLN class conditioning, learned input
+    "ibq_ar_b": {"n_layer": 16, "dim": 1024, "n_head": 16, **_IBQ},
+    "ibq_ar_l": {"n_layer": 20, "dim": 1280, "n_head": 20, **_IBQ},
+    "ibq_ar_xl": {"n_layer": 24, "dim": 1536, "n_head": 24, **_IBQ},
+    "ibq_ar_xxl": {"n_layer": 30, "dim": 1920, "n_head": 30, **_IBQ},
 }
 # The fields a code store and its tokenizer decide: None in a preset for training, filled from the store.
 FROM_STORE = ("num_classes", "codebook_groups", "codebook_size", "grid_size", "codebook_embed_dim")
@@ -88,6 +94,9 @@ class GPTConfig:
     head: str = "parallel"
     input_embedding: str = "codebook"  # codebook: frozen tokenizer rows + img_projector | learned: nn.Embedding
     ar_head_layers: int = 2  # layers of the ar or factorized head
+    # IBQ-AR's VAR-style class conditioning: every block and the final norm also get a per-sample scale, shift
+    # (and, in blocks, residual gates) from SiLU -> Linear of the class embedding. Off: LlamaGen's trunk.
+    class_adaln: bool = False
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
@@ -124,6 +133,14 @@ class GPTConfig:
                              f"must be a square")
         return cls(**args, codebook_groups=groups, codebook_size=vocab // groups, grid_size=grid,
                    head="ar", input_embedding="codebook")
+
+    @classmethod
+    def single_codebook(cls, preset: str, codebook_size: int, grid_size: int = 16, **overrides) -> GPTConfig:
+        """A released LlamaGen c2i (gpt_b ... gpt_3b) or IBQ-AR (ibq_ar_b ... ibq_ar_xxl) GPT over one codebook:
+        G = 1, a parallel (linear) head and a learned input embedding, 1000 classes."""
+        return cls.preset(preset, **{"codebook_groups": 1, "codebook_size": codebook_size, "grid_size": grid_size,
+                                   "num_classes": 1000, "head": "parallel", "input_embedding": "learned",
+                                   "codebook_embed_dim": None, **overrides})
 
     @classmethod
     def from_open_magvit2(cls, d: dict) -> GPTConfig:

@@ -1,8 +1,10 @@
-"""GPT model files: this project's `{"model": state_dict, "config": GPTConfig dict}`, the official MGVQ layout and
-Open-MAGVIT2's AR checkpoints.
+"""GPT model files: this project's `{"model": state_dict, "config": GPTConfig dict}` and the official MGVQ,
+Open-MAGVIT2 AR, LlamaGen c2i and IBQ-AR layouts, all translated here and nowhere else.
 
-The official layout is translated here and nowhere else: its AR head keeps q/k/v as three matrices (fused into
-`wqkv` here), names the output projection `proj` (`wo` here) and the start token `sos_emb_for_image` (`sos`),
+LlamaGen's trunk has this model's names (G = 1, learned input); its head is `output`. IBQ-AR's Lightning file
+keeps the GPT under `transformer.` (`tok_emb`, `class_emb`, `blocks`, adaLN `ada_lin` per block, `head_nm` the
+modulated final norm, `head`) and its tokenizer under `first_stage_model.`. The MGVQ AR head keeps q/k/v as
+three matrices (fused into `wqkv` here), names the output projection `proj` (`wo` here) and the start token `sos_emb_for_image` (`sos`),
 carries an unused `adaLN_modulation` per block and a `pos_emb` of block_size rows of which only G+1 are used.
 """
 from __future__ import annotations
@@ -115,11 +117,58 @@ def to_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> di
     return out
 
 
+def from_llamagen_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LlamaGen c2i GPT -> this model (G = 1, parallel head, learned input): only the head is renamed."""
+    return {("head.proj.weight" if k == "output.weight" else k): v for k, v in sd.items()}
+
+
+def from_ibq_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """IBQ-AR Lightning state dict (`transformer.*`, plus the tokenizer under `first_stage_model.*`) -> this model
+    with class_adaln. Keys outside both prefixes are kept, so that loading names them."""
+    renames = [(r"^tok_emb\.", "tok_embeddings."), (r"^class_emb\.", "cls_embedding."), (r"^blocks\.", "layers."),
+               (r"^head_nm\.rmsnorm\.", "norm."), (r"^head_nm\.ada_lin\.", "norm_ada_lin."), (r"^head\.", "head.proj.")]
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("first_stage_model."):
+            continue  # the tokenizer: load it with load_tokenizer(path, family="ibq")
+        if key.startswith("transformer."):
+            key = key[len("transformer."):]
+            for pattern, repl in renames:
+                key, n = re.subn(pattern, repl, key)
+                if n:
+                    break
+        out[key] = value
+    return out
+
+
 def _read(path: Path) -> dict:
-    blob = load_weights_file(path, "GPT model file")
+    blob = load_weights_file(path, "GPT model file")  # weights only (LlamaGen's pickled argparse args accepted)
     if not isinstance(blob, dict):
         raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict of weights")
     return blob
+
+
+def _official_weights(blob: dict, path: Path, config: GPTConfig | None) -> dict:
+    """The weights of an official MGVQ, Open-MAGVIT2, LlamaGen or IBQ-AR file, translated to this model's names."""
+    key = next((k for k in OFFICIAL_WEIGHT_KEYS if isinstance(blob.get(k), dict)), None)
+    sd = blob[key] if key else blob  # FSDP-style files are the bare state dict
+    if "transformer.pre_emb.weight" in sd:
+        layout = "Open-MAGVIT2"
+    elif any(k.startswith("transformer.") for k in sd):
+        layout = "IBQ-AR"
+    elif "norm.weight" in sd:
+        layout = "LlamaGen" if "output.weight" in sd else "MGVQ"
+    else:
+        raise ValueError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
+                         f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
+    if config is None:
+        raise ValueError(f"{path} is in the official {layout} layout, which stores no config: pass one, e.g. "
+                         f"GPTConfig.single_codebook('gpt_b' or 'ibq_ar_b', codebook_size=16384) for LlamaGen/IBQ-AR, "
+                         f"GPTConfig.from_open_magvit2({{...}}) (its yaml's transformer_config.params) for Open-MAGVIT2, "
+                         f"GPTConfig.from_official({{...}}) for MGVQ")
+    translate = {"Open-MAGVIT2": from_open_magvit2_state_dict, "IBQ-AR": lambda sd, c: from_ibq_state_dict(sd),
+                 "LlamaGen": lambda sd, c: from_llamagen_state_dict(sd), "MGVQ": from_official_state_dict}
+    return translate[layout](sd, config)
 
 
 def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.Tensor | None = None) -> GPT:
@@ -143,21 +192,7 @@ def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.
         config = config or stored
         sd = dict(blob["model"])
     else:
-        key = next((k for k in OFFICIAL_WEIGHT_KEYS if isinstance(blob.get(k), dict)), None)
-        sd = blob[key] if key else blob  # FSDP-style files are the bare state dict
-        if "transformer.pre_emb.weight" in sd:  # an Open-MAGVIT2 AR checkpoint (Lightning)
-            if config is None:
-                raise ValueError(f"{path} is an Open-MAGVIT2 AR checkpoint, which stores no config: pass "
-                                 f"config=GPTConfig.from_open_magvit2({{...}}) (its yaml's transformer_config.params)")
-            sd = from_open_magvit2_state_dict(sd, config)
-        elif "norm.weight" not in sd:
-            raise ValueError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
-                             f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
-        elif config is None:
-            raise ValueError(f"{path} is in the official MGVQ layout, which stores no config: pass "
-                             f"config=GPTConfig.from_official({{...}}) (dim, n_layer, n_head, vocab_size, block_size, ...)")
-        else:
-            sd = from_official_state_dict(sd, config)
+        sd = _official_weights(blob, path, config)
     if config.input_embedding == "codebook":
         if "codebook" in sd:
             if codebook is not None and not torch.equal(codebook.float().cpu(), sd["codebook"].float()):

@@ -143,22 +143,33 @@ class FeedForward(nn.Module):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+def ada_lin(dim: int, n: int) -> nn.Sequential:
+    """adaLN modulation: class embedding (B, 1, dim) -> n vectors of dim, SiLU then Linear (IBQ-AR's `ada_lin`)."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(dim, n * dim))
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block; with `adaln`, norms are modulated and residual branches gated by the class."""
 
     def __init__(self, dim: int, attention: Attention, feed_forward: FeedForward, norm_eps: float,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, adaln: bool = False):
         super().__init__()
         self.attention = attention
         self.feed_forward = feed_forward
         self.attention_norm = RMSNorm(dim, norm_eps)
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.drop_path = DropPath(drop_path)
+        self.ada_lin = ada_lin(dim, 6) if adaln else None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs, pos))
-        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ada_lin is None:
+            h = x + self.drop_path(self.attention(self.attention_norm(x), freqs, pos))
+            return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+        # IBQ-AR's order: gates, scales, shifts, each (B, 1, dim)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).unflatten(-1, (6, -1)).unbind(-2)
+        h = x + self.drop_path(self.attention(self.attention_norm(x) * (1 + scale1) + shift1, freqs, pos) * gamma1)
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h) * (1 + scale2) + shift2) * gamma2)
 
 
 class LabelEmbedding(nn.Module):
@@ -287,10 +298,12 @@ class GPT(nn.Module):
         resid_p, ffn_p = c.block_dropout
         self.layers = nn.ModuleList(
             Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, resid_p),
-                  FeedForward(c.dim, c.ffn_hidden, ffn_p), c.norm_eps, p)
+                  FeedForward(c.dim, c.ffn_hidden, ffn_p), c.norm_eps, p, c.class_adaln)
             for p in drop_paths)
         # The factorized head normalises its own outputs; the trunk then has no final norm (as Open-MAGVIT2).
         self.norm = nn.Identity() if c.head == "factorized" else RMSNorm(c.dim, c.norm_eps)
+        self.norm_ada_lin = ada_lin(c.dim, 2) if c.class_adaln else None  # scale, shift of the final norm
+        self.cond: torch.Tensor | None = None  # the class embedding (B, 1, dim) of a cached generation (adaLN)
         if c.head == "factorized":
             from gpt.factorized import FactorizedHead  # it builds on this module's blocks
 
@@ -319,6 +332,16 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
+        if self.config.class_adaln:  # IBQ-AR's: zero biases, gates x 1e-3 (its `alng`), modulations x 0.5
+            dim = self.config.dim
+            for m in self.modules():
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            with torch.no_grad():
+                for layer in self.layers:
+                    layer.ada_lin[1].weight[:2 * dim].mul_(1e-3)
+                    layer.ada_lin[1].weight[2 * dim:].mul_(0.5)
+                self.norm_ada_lin[1].weight.mul_(0.5)
         if isinstance(self.head, ParallelHead):
             nn.init.zeros_(self.head.proj.weight)
         elif self.config.head == "factorized":
@@ -338,18 +361,27 @@ class GPT(nn.Module):
             return self.img_projector(rows.to(self.img_projector[0].weight.dtype))
         return self.tok_embeddings(idx).sum(-2)
 
+    def final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """RMSNorm before the head, modulated by the class embedding cond (B, 1, dim) with class_adaln."""
+        x = self.norm(x)
+        if self.norm_ada_lin is None:
+            return x
+        scale, shift = self.norm_ada_lin(cond).unflatten(-1, (2, -1)).unbind(-2)  # (B, 1, dim) each
+        return x * (1 + scale) + shift
+
     def trunk(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, L, dim), final-normed (not for the factorized head); index t predicts position t."""
         B, L, G = codes.shape
         if G != self.config.codebook_groups or not 1 <= L <= self.config.seq_len:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (B, L <= {self.config.seq_len}, "
                              f"{self.config.codebook_groups})")
-        x = torch.cat([self.cls_embedding(labels), self.embed_codes(codes[:, :-1])], dim=1)  # (B, L, dim)
+        cls = self.cls_embedding(labels)  # (B, 1, dim): the first input, and the adaLN condition
+        x = torch.cat([cls, self.embed_codes(codes[:, :-1])], dim=1)  # (B, L, dim)
         x = self.tok_dropout(x)
         freqs = self.freqs_cis[:L]
         for layer in self.layers:
-            x = layer(x, freqs)
-        return self.norm(x)
+            x = layer(x, freqs, None, cls)
+        return self.final_norm(x, cls)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, G, V) in float32 of codes (B, L, G) int64 given labels (B,)."""
@@ -389,10 +421,12 @@ class GPT(nn.Module):
             self._kept_caches = None
         for attention in attentions:
             attention.kv_cache = None
+        self.cond = None
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Run the class position; return the hidden (B, dim) that predicts image position 0."""
-        return self._step(self.cls_embedding(labels), self._cache_positions()[:1])
+        self.cond = self.cls_embedding(labels)  # (B, 1, dim), kept for the adaLN of later steps
+        return self._step(self.cond, self._cache_positions()[:1])
 
     def decode_step(self, prev_codes: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """Feed the codes (B, G) of image position t-1; return the hidden (B, dim) that predicts position t.
@@ -415,9 +449,10 @@ class GPT(nn.Module):
     def _step(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x (B, 1, dim) at cache position pos (1,) -> final-normed hidden (B, dim)."""
         freqs = self.freqs_cis[pos]  # (1, head_dim/2, 2)
+        cond = None if self.cond is None else self.cond[:x.shape[0]]
         for layer in self.layers:
-            x = layer(x, freqs, pos)
-        return self.norm(x[:, -1])  # (B, dim)
+            x = layer(x, freqs, pos, cond)
+        return self.final_norm(x[:, -1:], cond)[:, 0]  # (B, dim)
 
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits (B, V) of sub-token g at the current position. The ar head needs, for g > 0, the

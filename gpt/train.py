@@ -23,6 +23,7 @@ from gpt.model import GPT
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
 from tokenizer.config import TokenizerRef
+from tokenizer.families import get_family, group_sizes
 from tokenizer.loading import read_codebook
 
 
@@ -95,14 +96,15 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     return dataclasses.replace(model, **resolved)
 
 
-def load_codebook(checkpoint: str | None, dataset: CodeDataset,
+def load_codebook(tokenizer: TokenizerRef, dataset: CodeDataset,
                   needed: bool = True) -> tuple[torch.Tensor | None, str | None]:
     """Raw tokenizer codebook (codebook_size, latent/G) and its file's sha256, which must be the store's: the
     sha256 match proves this is the tokenizer the extraction loaded and checked against the store's architecture.
-    `needed` False (a GPT that learns its code embeddings): only the sha256 is checked; the codebook is None."""
-    if checkpoint is None:
+    `needed` False (a GPT that learns its code embeddings): only the sha256 is checked; the codebook is None.
+    Reading the codebook with another family than the store's is refused."""
+    if tokenizer.checkpoint is None:
         return None, None
-    path = Path(checkpoint)
+    path = Path(tokenizer.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer.checkpoint {path} does not exist")
     sha = sha256_file(path)
@@ -112,9 +114,13 @@ def load_codebook(checkpoint: str | None, dataset: CodeDataset,
                          f"{dataset.codes_dir} were extracted with (sha256 {want[:16]}...)")
     if not needed:
         return None, sha
-    codebook = read_codebook(path)  # (G*K, latent/G)
-    tokenizer = dataset.meta["tokenizer"]
-    want_shape = (tokenizer["codebook_size"], tokenizer["latent_channels"] // tokenizer["codebook_groups"])
+    family = dataset.meta.get("family", "mgvq")  # stores written before families existed are MGVQ's
+    if tokenizer.family != family:
+        raise ValueError(f"tokenizer.family={tokenizer.family!r}, but the codes in {dataset.codes_dir} were made by "
+                         f"a {family!r} tokenizer")
+    codebook = read_codebook(path, family, tokenizer.weights)  # (G*K, latent/G)
+    arch = get_family(family).config_cls.from_dict(dataset.meta["tokenizer"])
+    want_shape = (sum(group_sizes(arch)), arch.latent_channels // arch.codebook_groups)
     if tuple(codebook.shape) != want_shape:
         raise ValueError(f"{path}: the codebook has shape {tuple(codebook.shape)}, the store's tokenizer "
                          f"config implies {want_shape}")
@@ -170,8 +176,7 @@ def train(cfg: TrainConfig) -> Path:
     dataset = CodeDataset(cfg.data.codes_dir, seed=cfg.seed, augment=cfg.data.augment)
     if cfg.model.input_embedding == "codebook" and cfg.tokenizer.checkpoint is None:
         raise ValueError("model.input_embedding=codebook needs tokenizer.checkpoint (the codebook the GPT embeds)")
-    codebook, tokenizer_sha = load_codebook(cfg.tokenizer.checkpoint, dataset,
-                                            needed=cfg.model.input_embedding == "codebook")
+    codebook, tokenizer_sha = load_codebook(cfg.tokenizer, dataset, needed=cfg.model.input_embedding == "codebook")
     model_cfg = resolve_model_config(cfg.model, dataset, None if codebook is None else codebook.shape[1] * dataset.groups)
     sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), cfg.global_batch_size, cfg.grad_accum,
                                  acc.process_index, acc.num_processes)

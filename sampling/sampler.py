@@ -77,11 +77,12 @@ class ModelFiles:
 
     gpt_ckpt: str  # this project's model file (e.g. <train out_dir>/export/model.pt) or an official MGVQ GPT
     tokenizer: TokenizerRef  # the hydra `tokenizer` group; tokenizer.checkpoint is required
-    # Official-layout GPT checkpoints store no config: their ModelArgs fields, e.g. GPT-XXL at 384px
-    # {dim: 1536, n_layer: 48, n_head: 24, block_size: 576}. vocab_size, codebook_groups and codebook_embed_dim
+    # Official-layout GPT checkpoints store no config. MGVQ: their ModelArgs fields, e.g. GPT-XXL at 384px
+    # {dim: 1536, n_layer: 48, n_head: 24, block_size: 576}; vocab_size, codebook_groups and codebook_embed_dim
     # default to the tokenizer's. With an Open-MAGVIT2 tokenizer: its AR yaml's transformer_config.params, e.g.
     # AR-XL {spatial_n_layer: 48, factorized_n_layer: 4, n_head: 24, dim: 1536}; factorized_bits default to the
-    # tokenizer's. None: the file's own config (this project's model files).
+    # tokenizer's. LlamaGen c2i / IBQ-AR: {preset: gpt_b} or {preset: ibq_ar_b} (grid_size: 16 by default; the
+    # codebook size is the tokenizer's). None: the file's own config (this project's model files).
     gpt_official: Optional[dict[str, Any]] = None
 
 
@@ -92,11 +93,13 @@ def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
     return seed * 2**32 + indices.to(torch.int64)
 
 
-def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[GPT, MGVQ]:
+def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[GPT, torch.nn.Module]:
     """The GPT and tokenizer `files` names, on `device`, in eval mode."""
     tokenizer = files.tokenizer.load()
     config, t = None, tokenizer.config
-    if files.gpt_official is not None and files.tokenizer.family == "open_magvit2":
+    if files.gpt_official is not None and "preset" in files.gpt_official:
+        config = GPTConfig.single_codebook(codebook_size=t.codes_per_group, **files.gpt_official)
+    elif files.gpt_official is not None and files.tokenizer.family == "open_magvit2":
         config = GPTConfig.from_open_magvit2({"factorized_bits": t.factorized_bits, **files.gpt_official})
     elif files.gpt_official is not None:
         config = GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,

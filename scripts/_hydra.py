@@ -10,18 +10,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import GPTConfig
-from tokenizer.config import MGVQConfig, TokenizerRef
-from tokenizer.magvit2 import Magvit2Config
+from tokenizer.families import named_refs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_presets() -> None:
     store = ConfigStore.instance()
-    for name, arch in MGVQConfig.named_presets().items():
-        store.store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
-    for name, arch in Magvit2Config.named_presets().items():
-        store.store(group="tokenizer", name=name, node=TokenizerRef(config=arch, family="open_magvit2"))
+    for name, ref in named_refs().items():
+        store.store(group="tokenizer", name=name, node=ref)
     for name, model in GPTConfig.named_presets().items():
         store.store(group="model", name=name, node=model)
 

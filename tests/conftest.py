@@ -42,12 +42,56 @@ def hydra_presets() -> None:
     from hydra.core.config_store import ConfigStore
 
     from gpt.config import GPTConfig
-    from tokenizer.config import MGVQConfig, TokenizerRef
-    from tokenizer.magvit2 import Magvit2Config
+    from tokenizer.families import named_refs
 
-    for name, arch in MGVQConfig.named_presets().items():
-        ConfigStore.instance().store(group="tokenizer", name=name, node=TokenizerRef(config=arch))
-    for name, arch in Magvit2Config.named_presets().items():
-        ConfigStore.instance().store(group="tokenizer", name=name, node=TokenizerRef(config=arch, family="open_magvit2"))
+    for name, ref in named_refs().items():
+        ConfigStore.instance().store(group="tokenizer", name=name, node=ref)
     for name, model in GPTConfig.named_presets().items():
         ConfigStore.instance().store(group="model", name=name, node=model)
+
+
+_RANDOMISED: dict = {}
+
+
+def randomised(official_keys: dict, seed: int) -> dict:
+    """A fresh copy of `_randomised` (cached: the draws take seconds on a busy CPU)."""
+    key = (seed, tuple(official_keys))
+    if key not in _RANDOMISED:
+        _RANDOMISED[key] = _randomised(official_keys, seed)
+    return {k: v.clone() for k, v in _RANDOMISED[key].items()}
+
+
+def _randomised(official_keys: dict, seed: int) -> dict:
+    """The weights of a golden fixture (tests/fixtures/README.md): keys sorted, one generator, float64 draws cast to
+    float32; >= 2-D ~ N(0, 1)/sqrt(numel of one row), 1-D '*weight' ~ 1 + 0.2 N, other floats ~ 0.2 N."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(official_keys):
+        shape, dtype = official_keys[key]
+        if dtype not in ("torch.float32", "torch.float16", "torch.bfloat16", "torch.float64"):
+            out[key] = torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[1]))
+            continue
+        n = torch.randn(shape, generator=g, dtype=torch.float64)
+        if len(shape) >= 2:
+            n = n / (torch.Size(shape[1:]).numel() ** 0.5)
+        else:
+            n = 1 + 0.2 * n if key.endswith("weight") else 0.2 * n
+        out[key] = n.float()
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return REPO / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def golden_fixture(fixtures_dir):
+    """load(family, name): a golden fixture file tests/fixtures/<family>/<name>.pt."""
+    return lambda family, name: torch.load(fixtures_dir / family / f"{name}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def official_weights():
+    """randomised(official_keys, seed): rebuild a golden fixture's official state dict."""
+    return randomised

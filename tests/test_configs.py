@@ -76,3 +76,13 @@ def test_model_presets_leave_the_store_fields_unset(repo, name, hydra_presets):
     assert model == GPTConfig.named_presets()[name]
     assert all(getattr(model, f) is None for f in ("num_classes", "codebook_groups", "codebook_size", "grid_size"))
     assert model.norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("preset, family", [("llamagen-vq16", "llamagen_vq"), ("ibq-262144", "ibq")])
+def test_other_family_presets_compose(repo, preset, family, hydra_presets):
+    from tokenizer.vqgan import VQGANConfig
+
+    ref = tokenizer_ref(repo, [f"tokenizer={preset}", "tokenizer.weights=raw"])
+    assert ref == TokenizerRef(config=VQGANConfig.preset(preset), checkpoint="w.pt", family=family, weights="raw")
+    with pytest.raises(Exception, match="unknown tokenizer family 'vq'"):
+        tokenizer_ref(repo, [f"tokenizer={preset}", "tokenizer.family=vq"])

@@ -230,7 +230,7 @@ def test_training_lowers_the_loss_and_the_export_round_trips(digits, tmp_path):
 
     # The export is the final training state, in this project's layout, and load_tokenizer needs no config.
     blob = torch.load(path, weights_only=True)
-    assert set(blob) == {"model", "config"}
+    assert set(blob) == {"model", "config", "family"} and blob["family"] == "mgvq"
     loaded = load_tokenizer(path)
     trained = MGVQ(MGVQConfig.from_dict(TINY))
     state = load_file(out / "checkpoints" / "step_0000030" / "model.safetensors")

@@ -157,9 +157,6 @@ class MGVQConfig:
         return dataclasses.asdict(self)
 
 
-FAMILIES = ("mgvq", "open_magvit2")  # the registry with each family's classes: tokenizer.families
-
-
 @dataclass
 class TokenizerRef:
     """Which tokenizer to load: a weights file, its family and its architecture (the hydra `tokenizer` group).
@@ -168,18 +165,17 @@ class TokenizerRef:
     checkpoints store none, so their preset gives it (`tokenizer=mgvq-f16c32-g4`).
     """
 
-    config: Any = None  # the family's architecture: an MGVQConfig (or its dict) for family mgvq
+    config: Any = None  # the architecture (or its dict): MGVQConfig (mgvq), VQGANConfig (llamagen_vq, ibq)
     checkpoint: str | None = None  # the weights file
-    family: str = "mgvq"
-    weights: str = "auto"  # auto | ema | raw: Open-MAGVIT2 files hold both (its AR models decode with raw)
+    family: str = "mgvq"  # a name in tokenizer.families.FAMILIES
+    weights: str = "auto"  # official files: auto (what the official AR sampler decodes with) | ema | raw
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"tokenizer.family={self.family!r}: expected one of {list(FAMILIES)}")
-        if isinstance(self.config, dict):
-            from tokenizer.families import FAMILIES as REGISTRY  # it imports this module
+        from tokenizer.families import get_family  # families imports this module
 
-            self.config = REGISTRY[self.family].config_cls.from_dict(self.config)
+        family = get_family(self.family)  # names the families on a typo
+        if isinstance(self.config, dict):
+            self.config = family.config_cls.from_dict(self.config)
 
     def require_checkpoint(self, why: str) -> str:
         if not self.checkpoint:

@@ -20,7 +20,7 @@ from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
 from tokenizer.families import group_sizes
-from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter
+from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter, dtype_for
 
 
 @dataclass
@@ -55,12 +55,12 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
     if size % tok.downsample:
         raise ValueError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
     sizes = group_sizes(tok)  # (MGVQConfig refuses a codebook that does not split into its groups)
-    if max(sizes) > 2**16:
-        raise ValueError(f"tokenizer groups of {sizes} codes: at most 65536 per group fit the store's uint16")
+    if max(sizes) > 2**32:
+        raise ValueError(f"tokenizer groups of {sizes} codes: at most 2**32 per group fit the store's uint32")
     tencrop = cfg.data.views.startswith("tencrop")
     return {
         "format_version": FORMAT_VERSION,
-        "dtype": "uint16",
+        "dtype": dtype_for(max(sizes)),  # uint32 where a group has more than 65536 codes (IBQ-262144)
         "family": cfg.tokenizer.family,
         "tokenizer": tok.to_dict(),
         "tokenizer_sha256": sha256_file(cfg.tokenizer.checkpoint),
@@ -124,7 +124,7 @@ def extract(cfg: ExtractConfig) -> dict:
             codes = model.encode_codes(x.flatten(0, 1).to(device, non_blocking=True))  # (B * A, h, w, G)
         if codes.shape != (B * A, h, w, spec["groups"]):
             raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, spec['groups'])}")
-        codes = codes.view(B, A, h, w, -1).cpu().numpy().astype(np.uint16)
+        codes = codes.view(B, A, h, w, -1).cpu().numpy().astype(spec["dtype"])
         index, bad = index.numpy(), np.array([bool(e) for e in errors])
         if bad.any() and not cfg.data.skip_bad:
             writer.write(index[~bad], codes[~bad], bad[~bad])  # keep the readable images of this batch

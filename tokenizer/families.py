@@ -1,8 +1,10 @@
 """Tokenizer families: one architecture dataclass, one nn.Module and one reader of its official files each.
 
 Every family's module has the surface of tokenizer.MGVQ: encode_codes (B, 3, H, W) -> (B, h, w, G) int64,
-decode_codes(codes, groups_to_use=None), codebook() (None where the GPT embeds codes itself), and a config with
-downsample, codebook_groups and codes_per_group (an int, or one int per group).
+decode_codes(codes, groups_to_use=None), codebook(), and a config with downsample, codebook_groups and
+codes_per_group (an int, or one int per group). A family's `read_weights(path, weights)` returns the official
+file's weights in its module's key names and which entry it took (`weights`: auto = what the official AR
+sampler decodes with, ema or raw).
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import torch
 from tokenizer import loading, magvit2
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
+from tokenizer.vqgan import PRESETS as VQGAN_PRESETS
+from tokenizer.vqgan import VQGAN, VQGANConfig
+from tokenizer.vqgan_weights import read_ibq, read_llamagen
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class Family:
     config_cls: type
     model_cls: type
     read_weights: Callable  # (path, weights: "auto"|"ema"|"raw") -> (state_dict in model_cls's key names, which)
+    check_config: Callable | None = None  # raises ValueError when a config does not belong to the family
 
 
 def _read_mgvq(path, weights: str = "auto") -> tuple[dict, str]:
@@ -31,10 +37,46 @@ def _read_mgvq(path, weights: str = "auto") -> tuple[dict, str]:
     return loading.pick_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
 
 
+def _quantizer_is(kind: str, family: str) -> Callable:
+    def check(config) -> None:
+        if getattr(config, "quantizer", None) != kind:
+            raise ValueError(f"family {family!r} has quantizer={kind!r}, the config says "
+                             f"{getattr(config, 'quantizer', None)!r}: pass a {family} preset")
+    return check
+
+
 FAMILIES: dict[str, Family] = {
     "mgvq": Family("mgvq", MGVQConfig, MGVQ, _read_mgvq),
     "open_magvit2": Family("open_magvit2", magvit2.Magvit2Config, magvit2.OpenMagvit2, magvit2.read_weights),
+    "llamagen_vq": Family("llamagen_vq", VQGANConfig, VQGAN, read_llamagen, _quantizer_is("cosine", "llamagen_vq")),
+    "ibq": Family("ibq", VQGANConfig, VQGAN, read_ibq, _quantizer_is("dot", "ibq")),
 }
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown tokenizer family {name!r}; expected one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(config) -> str:
+    """The family name of an architecture config (or of a built tokenizer module, by its config)."""
+    config = getattr(config, "config", config)
+    if isinstance(config, VQGANConfig):  # one architecture class, two families
+        return "llamagen_vq" if config.quantizer == "cosine" else "ibq"
+    for fam in FAMILIES.values():
+        if type(config) is fam.config_cls:
+            return fam.name
+    raise ValueError(f"{type(config).__name__} is not the config of any tokenizer family {sorted(FAMILIES)}")
+
+
+def named_refs() -> dict:
+    """Every family's presets as hydra `tokenizer` group nodes: TokenizerRef(config=arch, family=...)."""
+    from tokenizer.config import TokenizerRef
+
+    archs = {**MGVQConfig.named_presets(), **magvit2.Magvit2Config.named_presets(),
+             **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
+    return {name: TokenizerRef(config=arch, family=family_of(arch)) for name, arch in archs.items()}
 
 
 def group_sizes(config) -> list[int]:
@@ -45,27 +87,9 @@ def group_sizes(config) -> list[int]:
 
 def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "mgvq", weights: str = "auto",
                    map_location="cpu") -> torch.nn.Module:
-    """A tokenizer of `family` from `path` in eval mode with gradients off; keys and shapes must match exactly.
-
-    MGVQ files may store their config (see tokenizer.loading.load_tokenizer); the official files of the other
-    families do not, so `config` (the family's dataclass or a dict of its fields) is required for them.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {sorted(FAMILIES)}")
-    fam = FAMILIES[family]
-    if family == "mgvq":
-        if weights != "auto":
-            raise ValueError(f"weights={weights!r}: MGVQ files hold one set of weights (EMA first), use 'auto'")
-        return loading.load_tokenizer(path, config, map_location)
-    if config is None:
-        raise ValueError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
-                         f"{fam.config_cls.__name__}.preset(...)")
+    """A tokenizer of `family` from `path` in eval mode with gradients off; keys and shapes must match exactly
+    (tokenizer.loading.load_tokenizer). `config`: the family's dataclass or a dict of its fields; None reads the
+    config this project's files store (official files store none)."""
     if isinstance(config, dict):
-        config = fam.config_cls.from_dict(config)
-    state_dict, which = fam.read_weights(path, weights)
-    with torch.device("meta"):
-        model = fam.model_cls(config)
-    loading.check_state_dict(model, state_dict, f"{path} ({which} weights)")
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(map_location).eval().requires_grad_(False)
+        config = get_family(family).config_cls.from_dict(config)
+    return loading.load_tokenizer(path, config, map_location, family=family, weights=weights)

@@ -1,4 +1,5 @@
-"""Load and save tokenizer weights: the official MGVQ layout and this project's, strictly, without downloads."""
+"""Load and save tokenizer weights of every family (tokenizer.families): official layouts and this project's,
+strictly, without downloads."""
 import os
 from pathlib import Path
 
@@ -6,8 +7,7 @@ import torch
 
 from tokenizer.common.io import atomic_path
 from tokenizer.common.settings import refuse_mismatch
-from tokenizer.config import MGVQConfig
-from tokenizer.model import MGVQ
+from tokenizer.vqgan_weights import load_official
 
 # Checkpoint entries that may hold the weights, in order of preference: EMA weights are what one samples with.
 WEIGHT_KEYS = ("ema", "model", "state_dict")
@@ -52,55 +52,76 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
         raise RuntimeError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
 
 
-def load_tokenizer(path: str | os.PathLike, config: MGVQConfig | None = None, map_location="cpu") -> MGVQ:
-    """An MGVQ tokenizer from `path`, in eval mode with gradients off.
+def _stored(blob: dict, path, family: str):
+    """(config, state dict) of this project's file `{"model", "config", "family"}`, or None for an official file."""
+    if not (isinstance(blob.get("config"), dict) and _is_state_dict(blob.get("model"))):
+        return None
+    from tokenizer.families import get_family  # families imports this module
 
-    The file is the official layout (`{"state_dict": sd}`, `{"model": sd}`, `{"ema": sd}`; EMA wins over model
-    over state_dict) or this project's `{"model": sd, "config": MGVQConfig.to_dict()}`. `config` None reads the
-    stored config; a config given for a file that stores one must equal it. Keys and shapes must match exactly.
+    stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
+    if stored_family != family:
+        raise ValueError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
+    return get_family(family).config_cls.from_dict(blob["config"]), blob["model"]
+
+
+def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", family: str = "mgvq",
+                   weights: str = "auto") -> torch.nn.Module:
+    """A tokenizer of `family` (tokenizer.families) from `path`, in eval mode with gradients off.
+
+    The file is this project's `{"model": sd, "config": dict, "family": name}` or the family's official layout,
+    whose weights the family reads (`weights`: auto = what the official AR sampler decodes with, ema or raw;
+    MGVQ: EMA wins over model over state_dict). `config` None reads the stored config; a config given for a
+    file that stores one must equal it. Keys and shapes must match exactly.
     """
+    from tokenizer.families import get_family
+
+    fam = get_family(family)
+    if config is not None and fam.check_config is not None:
+        fam.check_config(config)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist (nothing is downloaded: pass a local file)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    state_dict, which = pick_state_dict(ckpt, path)
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    stored = _stored(load_official(path), path, family)
+    if stored is None and config is None and family != "mgvq":  # (MGVQ: a file without weights says so first)
+        raise ValueError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
+                         f"{fam.config_cls.__name__}.preset(...)")
     if stored is not None:
-        stored = MGVQConfig.from_dict(stored)
+        stored_config, state_dict, which = *stored, "model"
+    else:
+        stored_config, (state_dict, which) = None, fam.read_weights(path, weights)
     if config is None:
-        if stored is None:
-            raise ValueError(f"{path} stores no config: pass one, e.g. MGVQConfig.preset('mgvq-f16c32', groups=4)")
-        config = stored
-    elif stored is not None:
+        if stored_config is None:
+            raise ValueError(f"{path} stores no config: pass one, e.g. {fam.config_cls.__name__}.preset(...)")
+        config = stored_config
+    elif stored_config is not None:
         # Keys and shapes would not catch e.g. a different activation: refuse any difference.
-        refuse_mismatch(stored.to_dict(), config.to_dict(), f"tokenizer file {path}",
+        refuse_mismatch(stored_config.to_dict(), config.to_dict(), f"tokenizer file {path}",
                         "its stored config differs from the one given (leave the config out to use the stored one)")
     with torch.device("meta"):
-        model = MGVQ(config)
+        model = fam.model_cls(config)
     check_state_dict(model, state_dict, f"{path} ({which!r} weights)")
     # Floating tensors become float32 (a checkpoint may be saved in half precision); counters keep their dtype.
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    state_dict = {k: v.to(map_location).float() if v.is_floating_point() else v.to(map_location)
+                  for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def save_tokenizer(model: MGVQ, path: str | os.PathLike) -> None:
-    """Write this project's tokenizer file `{"model": state_dict, "config": dict}` atomically."""
+def save_tokenizer(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write this project's tokenizer file `{"model": state_dict, "config": dict, "family": name}` atomically."""
+    from tokenizer.families import family_of
+
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp)
+        torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "family": family_of(model)}, tmp)
 
 
-def read_codebook(path: str | os.PathLike) -> torch.Tensor:
+def read_codebook(path: str | os.PathLike, family: str = "mgvq", weights: str = "auto") -> torch.Tensor:
     """The raw codebook table (codebook_size, latent/G) of a tokenizer file, in float32, reading only that tensor
-    (memory-mapped where the file allows): what a GPT with codebook input embeds."""
+    (memory-mapped where the file allows): what a GPT with codebook input embeds. Official files give the
+    weights `load_tokenizer(path, family=family, weights=weights)` would load."""
+    from tokenizer.families import get_family
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # an old (non-zip) torch file cannot be memory-mapped
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    weights, _ = pick_state_dict(blob, path)
+    stored = _stored(load_official(path), path, family)
+    weights = stored[1] if stored is not None else get_family(family).read_weights(path, weights)[0]
     if CODEBOOK_KEY not in weights:
         raise KeyError(f"tokenizer checkpoint {path} has no {CODEBOOK_KEY!r}")
     return weights[CODEBOOK_KEY].float().clone()

@@ -88,18 +88,9 @@ class Decoder(nn.Module):
         return self.project_out(x)
 
 
-class MGVQ(nn.Module):
-    """MGVQ tokenizer. Images are float (B, 3, H, W) in [-1, 1]; codes are (B, h, w, G) group indices."""
-
-    def __init__(self, config: MGVQConfig):
-        super().__init__()
-        self.config = config
-        C, G = config.latent_channels, config.codebook_groups
-        self.encoder = Encoder(config.encoder, C)
-        self.decoder = Decoder(config.decoder, C)
-        self.quantize = MultiGroupQuantizer(config.codebook_size, G, C // G)
-        self.quant_conv = nn.Conv2d(C, C, 1, groups=G)
-        self.post_quant_conv = nn.Conv2d(C, C, 1, groups=G)
+class CodeTokenizer(nn.Module):
+    """The public surface every tokenizer family shares: encoder -> quant_conv -> quantize (nearest / lookup)
+    -> post_quant_conv -> decoder. Subclasses build those five modules and `config` (with `downsample`)."""
 
     @property
     def downsample(self) -> int:
@@ -114,11 +105,6 @@ class MGVQ(nn.Module):
         """Quantized latent (B, C, h, w) -> images (B, 3, h*f, w*f), unclamped."""
         return self.decoder(self.post_quant_conv(quant))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
-        """Reconstruction and quantizer output (codes, straight-through latent, losses): the training path."""
-        q = self.quantize(self.encode(x))
-        return self.decode(q.z_q), q
-
     @torch.no_grad()
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f, G) int64."""
@@ -129,6 +115,25 @@ class MGVQ(nn.Module):
         """Codes (B, h, w, G) -> images (B, 3, h*f, w*f), unclamped. Groups >= groups_to_use contribute zeros."""
         quant = self.quantize.lookup(codes.to(self.quant_conv.weight.device), groups_to_use)
         return self.decode(quant.to(self.quant_conv.weight.dtype))
+
+
+class MGVQ(CodeTokenizer):
+    """MGVQ tokenizer. Images are float (B, 3, H, W) in [-1, 1]; codes are (B, h, w, G) group indices."""
+
+    def __init__(self, config: MGVQConfig):
+        super().__init__()
+        self.config = config
+        C, G = config.latent_channels, config.codebook_groups
+        self.encoder = Encoder(config.encoder, C)
+        self.decoder = Decoder(config.decoder, C)
+        self.quantize = MultiGroupQuantizer(config.codebook_size, G, C // G)
+        self.quant_conv = nn.Conv2d(C, C, 1, groups=G)
+        self.post_quant_conv = nn.Conv2d(C, C, 1, groups=G)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Reconstruction and quantizer output (codes, straight-through latent, losses): the training path."""
+        q = self.quantize(self.encode(x))
+        return self.decode(q.z_q), q
 
     def codebook(self) -> torch.Tensor:
         """Raw (unnormalised) code rows (codebook_size, C/G): what the official GPT embeds."""

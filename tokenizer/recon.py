@@ -116,6 +116,7 @@ def eval_recon(cfg: ReconConfig) -> dict:
         "codebook_perplexity": perplexity,  # per group: exp(entropy) of the code histogram, at most K
         "codes_per_group": sizes[0] if len(set(sizes)) == 1 else sizes,
         "tokenizer_checkpoint": str(cfg.tokenizer.checkpoint),
+        "tokenizer_family": cfg.tokenizer.family,
     }
     write_json_atomic(cfg.out, result)
     return result

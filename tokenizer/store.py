@@ -1,7 +1,7 @@
 """The code store: MGVQ codes of every image and view, memory-mapped, written in place, resumable.
 
 A complete store is a directory with
-    codes.npy   uint16 (N, A, h, w, G)   view 0 = the plain center crop
+    codes.npy   uint16 (N, A, h, w, G)   view 0 = the plain center crop; uint32 when a group has > 65536 codes
     labels.npy  int64 (N,)               sorted ImageFolder class index; -1 for an image skipped as unreadable
     meta.json   the spec (how the codes were made) and `bad_files`
 While an extraction runs, `spec.json` and `done.npy` (one byte per image, set only after that image's codes
@@ -22,12 +22,25 @@ from tokenizer.common.settings import SettingsMismatchError, refuse_mismatch
 
 CODES, LABELS, META, SPEC, DONE = "codes.npy", "labels.npy", "meta.json", "spec.json", "done.npy"
 FORMAT_VERSION = 1
+CODE_DTYPES = ("uint16", "uint32")
 REQUIRED_META = ("tokenizer", "tokenizer_sha256", "image_size", "views", "num_views", "groups", "codes_per_group",
                  "grid", "num_images", "num_classes", "class_names", "files_fingerprint")
 
 
 # An existing store in out_dir was made with other settings than the ones asked for.
 StoreMismatchError = SettingsMismatchError
+
+
+def code_dtype(meta: dict) -> np.dtype:
+    """The codes' dtype a store's meta names: uint16, or uint32 for more than 65536 codes per group (IBQ 262144)."""
+    name = meta.get("dtype", "uint16")
+    if name not in CODE_DTYPES:
+        raise ValueError(f"code store dtype {name!r} is not one of {CODE_DTYPES}")
+    return np.dtype(name)
+
+
+def dtype_for(codes_per_group: int) -> str:
+    return "uint16" if codes_per_group <= 2**16 else "uint32"
 
 
 class CodeStore:
@@ -54,8 +67,9 @@ class CodeStore:
             raise ValueError(f"code store {self.dir}: cannot read {CODES} / {LABELS}: {e}") from e
         m = self.meta
         want = (m["num_images"], m["num_views"], *m["grid"], m["groups"])
-        if self.codes.dtype != np.uint16 or self.codes.shape != want:
-            raise ValueError(f"{self.dir / CODES} is {self.codes.dtype} {self.codes.shape}, meta.json says uint16 {want}")
+        dtype = code_dtype(m)
+        if self.codes.dtype != dtype or self.codes.shape != want:
+            raise ValueError(f"{self.dir / CODES} is {self.codes.dtype} {self.codes.shape}, meta.json says {dtype} {want}")
         if self.labels.dtype != np.int64 or self.labels.shape != (m["num_images"],):
             raise ValueError(f"{self.dir / LABELS} is {self.labels.dtype} {self.labels.shape}, "
                              f"meta.json says int64 ({m['num_images']},)")
@@ -94,7 +108,7 @@ class StoreWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         s = self.spec
         shape = (s["num_images"], s["num_views"], *s["grid"], s["groups"])
-        open_memmap(self.dir / CODES, mode="w+", dtype=np.uint16, shape=shape).flush()
+        open_memmap(self.dir / CODES, mode="w+", dtype=code_dtype(s), shape=shape).flush()
         out = open_memmap(self.dir / LABELS, mode="w+", dtype=np.int64, shape=(s["num_images"],))
         out[:] = labels
         out.flush()

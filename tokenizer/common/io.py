@@ -1,6 +1,7 @@
 """Files: atomic writes (a reader never sees half a file, a crash never leaves one), JSON, sha256, weights."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -70,7 +71,15 @@ def load_weights_file(path: str | os.PathLike, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist (nothing is downloaded: pass a local file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # LlamaGen's files pickle their argparse `args`: that one class is allowed, nothing runs code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:  # memory-mapped: a reader that keeps a part of a big file touches only that part
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # pre-zip torch.save format
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds Python objects beyond tensors and plain containers (a Lightning .ckpt may "
-                         f"store its hyper-parameters so): re-save its state dict alone: {e}") from None
+        raise ValueError(f"{path} holds Python objects beyond tensors, plain containers and argparse.Namespace "
+                         f"({torch.serialization.get_unsafe_globals_in_checkpoint(path)}; a Lightning .ckpt may store "
+                         f"its hyper-parameters so): re-save its state dict alone: {e}") from None

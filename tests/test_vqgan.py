@@ -1,0 +1,104 @@
+"""LlamaGen VQ and IBQ tokenizers (tokenizer.vqgan) against golden outputs of the official code (tests/fixtures)."""
+import pytest
+import torch
+
+from tokenizer.vqgan import PRESETS, VQGAN, VQGANConfig, chunked_argmax
+from tokenizer.vqgan_weights import _ibq_ema, llamagen_to_vqgan
+
+RTOL = 1e-4
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest error relative to the reference's scale."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def codes_agree(codes, want, margin, min_margin=1e-4):
+    """Codes equal wherever the official top-2 margin exceeds min_margin; returns how many pixels were checked."""
+    sure = margin > min_margin
+    assert torch.equal(codes[..., 0][sure], want[sure])
+    return int(sure.sum())
+
+
+def build(fixture: dict, quantizer: str, sd: dict) -> VQGAN:
+    # LlamaGen's attention sits at the last level (its fixture config does not say so: the official code hard-wires it)
+    config = {"attn_levels": [len(fixture["config"]["ch_mult"]) - 1], **fixture["config"]}
+    model = VQGAN(VQGANConfig(quantizer=quantizer, **config)).eval()
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llamagen(golden_fixture):
+    return golden_fixture("llamagen_vq", "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def ibq(golden_fixture):
+    return golden_fixture("ibq", "tokenizer")
+
+
+def test_llamagen_vq_matches_official(llamagen, official_weights):
+    sd = llamagen_to_vqgan(official_weights(llamagen["official_keys"], llamagen["seed"]))
+    model = build(llamagen, "cosine", sd)
+    x = llamagen["images"]
+    assert close(model.encode(x), llamagen["latent"]) < RTOL
+    codes = model.encode_codes(x)
+    assert codes.shape == (2, 4, 4, 1) and codes.dtype == torch.int64
+    assert codes_agree(codes, llamagen["codes"], llamagen["margin"]) == 32  # every pixel is decided
+    assert close(model.decode_codes(llamagen["codes"][..., None]), llamagen["pixels"]) < RTOL
+
+
+@pytest.mark.parametrize("which", ["ema", "raw"])
+def test_ibq_matches_official(ibq, official_weights, which):
+    full = official_weights(ibq["official_keys"], ibq["seed"])
+    sd = _ibq_ema(full, "fixture") if which == "ema" else {k: v for k, v in full.items() if "model_ema" not in k}
+    model = build(ibq, "dot", sd)
+    want = ibq[which]
+    assert close(model.encode(ibq["images"]), want["latent"]) < RTOL
+    assert codes_agree(model.encode_codes(ibq["images"]), want["codes"], want["margin"]) >= 30
+    assert close(model.decode_codes(want["codes"][..., None]), want["pixels"]) < RTOL
+
+
+def test_ibq_picks_the_largest_dot_product_not_the_nearest_code():
+    # Code 1 is nearer to z in Euclidean distance, code 0 has the larger dot product: IBQ takes code 0.
+    table = torch.tensor([[3.0, 0.0], [1.0, 0.0]])
+    z = torch.tensor([[1.0, 0.0]])
+    assert chunked_argmax(z, table).item() == 0
+    q = VQGAN(VQGANConfig(codebook_size=2, codebook_dim=2, quantizer="dot", ch=32, ch_mult=[1], attn_levels=[],
+                          z_channels=32)).quantize
+    q.embedding.weight.data.copy_(table)
+    assert q.nearest(z.view(1, 2, 1, 1)).item() == 0
+    q.kind = "cosine"  # LlamaGen: both rows have cosine 1 with z; the normalised table decodes unit rows
+    assert torch.allclose(q.lookup(torch.tensor([[[[0], [1]]]])), torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+
+
+def test_chunked_argmax_equals_one_matmul():
+    g = torch.Generator().manual_seed(0)
+    z, table = torch.randn(37, 16, generator=g), torch.randn(1000, 16, generator=g)
+    want = (z @ table.t()).argmax(-1)
+    for max_elems in (1, 1000, 5000, 10**9):  # one row, one row per chunk, 5 rows, everything
+        assert torch.equal(chunked_argmax(z, table, max_elems), want)
+
+
+def test_presets_are_the_released_architectures():
+    vq16 = VQGANConfig.preset("llamagen-vq16")
+    assert (vq16.downsample, vq16.codebook_size, vq16.codebook_dim, vq16.quantizer) == (16, 16384, 8, "cosine")
+    for n in (1024, 8192, 16384, 262144):
+        c = VQGANConfig.preset(f"ibq-{n}")
+        assert (c.downsample, c.codes_per_group, c.latent_channels, c.num_res_blocks, c.attn_levels) == \
+               (16, n, 256, 4, [4])
+    assert set(PRESETS) >= {"llamagen-vq16", "ibq-262144"}
+    with torch.device("meta"):  # parameter counts of the official modules built with the released configs
+        n_vq16 = sum(p.numel() for p in VQGAN(vq16).parameters())
+        n_ibq = sum(p.numel() for p in VQGAN(VQGANConfig.preset("ibq-16384")).parameters())
+    assert (n_vq16, n_ibq) == (71_883_403, 110_982_019)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="quantizer='l2'"):
+        VQGANConfig(codebook_size=4, codebook_dim=2, quantizer="l2")
+    with pytest.raises(ValueError, match="attn_levels"):
+        VQGANConfig(codebook_size=4, codebook_dim=2, quantizer="dot", attn_levels=[7])
+    with pytest.raises(ValueError, match="unknown VQGANConfig fields"):
+        VQGANConfig.from_dict({"codebook_size": 4, "codebook_dim": 2, "quantizer": "dot", "depth": 3})
