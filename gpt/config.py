@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizer.common.settings import known_fields, preset_fields
+
 HEADS = ("parallel", "ar", "factorized")
 INPUT_EMBEDDINGS = ("codebook", "learned")
 
@@ -100,9 +102,7 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**preset_fields(PRESETS, name, "GPT"), **overrides})
 
     @classmethod
     def named_presets(cls) -> dict[str, GPTConfig]:
@@ -111,11 +111,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields {unknown}; fields: {sorted(names)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
 
     @classmethod
     def from_official(cls, d: dict) -> GPTConfig:

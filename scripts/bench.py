@@ -344,7 +344,6 @@ def bench_data(args: argparse.Namespace) -> None:
     import time
     from pathlib import Path
 
-    import torch
     from torch.utils.data import DataLoader
 
     from gpt.data import CodeDataset

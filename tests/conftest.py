@@ -91,6 +91,11 @@ def golden_fixture(fixtures_dir):
     return lambda family, name: torch.load(fixtures_dir / family / f"{name}.pt", weights_only=True)
 
 
+def family_fixture(fixture_name: str, family: str, name: str):
+    """A module-scoped fixture `fixture_name` holding tests/fixtures/<family>/<name>.pt (assign it to that name)."""
+    return pytest.fixture(scope="module", name=fixture_name)(lambda golden_fixture: golden_fixture(family, name))
+
+
 @pytest.fixture(scope="session")
 def official_weights():
     """randomised(official_keys, seed): rebuild a golden fixture's official state dict."""

@@ -64,6 +64,5 @@ def _probed(loss_fn):
 if __name__ == "__main__":
     accelerate.Accelerator.__init__ = _init_forcing_fsdp
     gpt.train.cross_entropy_per_group = _probed(gpt.train.cross_entropy_per_group)
-    sys.argv[0] = str(REPO / "scripts" / "train_gpt.py")
-    sys.path.insert(0, str(REPO / "scripts"))  # as when the script itself is run: it imports _hydra beside it
+    sys.argv[0] = str(REPO / "scripts" / "train_gpt.py")  # it imports _hydra beside it: the launch sets PYTHONPATH
     runpy.run_path(sys.argv[0], run_name="__main__")

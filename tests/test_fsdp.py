@@ -30,7 +30,9 @@ def launch_fsdp(repo, store, golden, out_dir, precision: str, env_extra: dict, *
                  "model.dim=32", "model.n_layer=2", "model.n_head=2", "data.num_workers=0", f"precision={precision}",
                  f"out_dir={out_dir}", *(f"model.{k}={v}" for k, v in NO_DROPOUT.items()),
                  *(f"{k}={v}" for k, v in {**RUN, **run}.items())]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **env_extra}
+    # PYTHONPATH=scripts: the helper runs scripts/train_gpt.py, which imports _hydra from beside it.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "scripts"),
+           **env_extra}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "conf/accelerate/fsdp.yaml"),
            "--num_processes", "2", "--mixed_precision", {"fp32": "no"}.get(precision, precision),
            "--main_process_port", "0", str(repo / "tests/fsdp_cpu_train.py"), *overrides]

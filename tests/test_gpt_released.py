@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 
+from conftest import family_fixture
 from gpt.config import GPTConfig
 from gpt.loading import load_gpt
 from gpt.model import GPT
@@ -35,14 +36,8 @@ def cached_logits(model: GPT, codes: torch.Tensor, labels: torch.Tensor) -> torc
     return torch.stack(steps, 1)
 
 
-@pytest.fixture(scope="module")
-def llamagen(golden_fixture):
-    return golden_fixture("llamagen_vq", "gpt")
-
-
-@pytest.fixture(scope="module")
-def ibq(golden_fixture):
-    return golden_fixture("ibq", "gpt")
+llamagen = family_fixture("llamagen", "llamagen_vq", "gpt")
+ibq = family_fixture("ibq", "ibq", "gpt")
 
 
 def test_llamagen_c2i_file_matches_official(tmp_path, llamagen, official_weights):

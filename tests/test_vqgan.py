@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import family_fixture
 from tokenizer.vqgan import PRESETS, VQGAN, VQGANConfig, chunked_argmax
 from tokenizer.vqgan_weights import _ibq_ema, llamagen_to_vqgan
 
@@ -28,14 +29,8 @@ def build(fixture: dict, quantizer: str, sd: dict) -> VQGAN:
     return model
 
 
-@pytest.fixture(scope="module")
-def llamagen(golden_fixture):
-    return golden_fixture("llamagen_vq", "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def ibq(golden_fixture):
-    return golden_fixture("ibq", "tokenizer")
+llamagen = family_fixture("llamagen", "llamagen_vq", "tokenizer")
+ibq = family_fixture("ibq", "ibq", "tokenizer")
 
 
 def test_llamagen_vq_matches_official(llamagen, official_weights):

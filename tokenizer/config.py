@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenizer.common.settings import known_fields, preset_fields
+
 BLOCK_TYPES = ("ResBlock", "EViT_GLU")
 NORMS = ("bn2d", "trms2d")
 ACTS = ("relu", "silu")
@@ -117,14 +119,13 @@ class MGVQConfig:
 
         `codebook_size` defaults to the released checkpoint's (32768 for G4, 16384 for G8).
         """
-        if name not in PRESETS:
-            raise ValueError(f"unknown tokenizer preset {name!r}; expected one of {sorted(PRESETS)}")
+        arch = preset_fields(PRESETS, name, "tokenizer")
         if codebook_size is None:
             if groups not in RELEASED_CODEBOOK_SIZE:
                 raise ValueError(f"no released MGVQ tokenizer has {groups} groups: pass codebook_size explicitly")
             codebook_size = RELEASED_CODEBOOK_SIZE[groups]
         return cls.from_dict({"latent_channels": 32, "codebook_size": codebook_size, "codebook_groups": groups,
-                              **PRESETS[name], **fields})
+                              **arch, **fields})
 
     @classmethod
     def named_presets(cls) -> dict[str, MGVQConfig]:
@@ -140,17 +141,10 @@ class MGVQConfig:
         As in the official config, a missing `norm`/`act` means trms2d/silu in every stage, and a single
         string applies to all stages.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; expected {sorted(names)}")
-        d = dict(d)
+        d = dict(known_fields(cls, d))
         for part in ("encoder", "decoder"):
             if isinstance(d.get(part), dict):
-                sub, sub_names = d[part], {f.name for f in dataclasses.fields(BackboneConfig)}
-                if set(sub) - sub_names:
-                    raise ValueError(f"unknown {part} fields {sorted(set(sub) - sub_names)}; expected {sorted(sub_names)}")
-                d[part] = BackboneConfig(**sub)
+                d[part] = BackboneConfig(**known_fields(BackboneConfig, d[part], part))
         return cls(**d)
 
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer.common.io import load_weights_file
+from tokenizer.common.settings import known_fields, preset_fields
 from tokenizer.model import IMAGE_CHANNELS, check_images
 
 NORM_GROUPS = 32
@@ -69,9 +70,7 @@ class Magvit2Config:
 
     @classmethod
     def preset(cls, name: str, **fields) -> Magvit2Config:
-        if name not in PRESETS:
-            raise ValueError(f"unknown Open-MAGVIT2 preset {name!r}; expected one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **fields})
+        return cls(**{**preset_fields(PRESETS, name, "Open-MAGVIT2"), **fields})
 
     @classmethod
     def named_presets(cls) -> dict[str, Magvit2Config]:
@@ -80,10 +79,7 @@ class Magvit2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Magvit2Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - names:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(set(d) - names)}; expected {sorted(names)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

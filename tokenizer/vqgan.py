@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.common.settings import known_fields, preset_fields
 from tokenizer.model import IMAGE_CHANNELS, CodeTokenizer
 
 QUANTIZERS = ("cosine", "dot")
@@ -71,17 +72,11 @@ class VQGANConfig:
 
     @classmethod
     def preset(cls, name: str, **fields) -> VQGANConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown VQGAN preset {name!r}; presets: {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **fields})
+        return cls.from_dict({**preset_fields(PRESETS, name, "VQGAN"), **fields})
 
     @classmethod
     def from_dict(cls, d: dict) -> VQGANConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; fields: {sorted(names)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
 """The one "same settings or refuse" check: a resumed or repeated run must be the run that wrote what it continues."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -9,6 +10,22 @@ MISSING = "<missing>"
 
 class SettingsMismatchError(ValueError):
     """Something on disk was made with other settings than the ones asked for now."""
+
+
+def known_fields(cls: type, d: dict, what: str | None = None) -> dict:
+    """`d` unchanged when every key is a field of the dataclass `cls`; else a ValueError naming the unknown ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what or cls.__name__} fields {unknown}; expected {sorted(names)}")
+    return d
+
+
+def preset_fields(presets: dict, name: str, what: str) -> dict:
+    """The fields of preset `name`, or a ValueError listing the presets there are."""
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; expected one of {sorted(presets)}")
+    return presets[name]
 
 
 def json_ready(obj: Any) -> Any:
