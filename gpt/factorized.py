@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from gpt.config import GPTConfig
+from gpt.packed import Linear
 from gpt.model import Attention, Block, FeedForward, KVCache, RMSNorm, pad_groups, rope_2d
 
 
@@ -25,7 +26,7 @@ class FactorizedHead(nn.Module):
                   FeedForward(c.dim, c.ffn_hidden, c.ffn_dropout_p), c.norm_eps, p)
             for p in drop_paths)
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.heads = nn.ModuleList(nn.Linear(c.dim, n, bias=False) for n in self.sizes)
+        self.heads = nn.ModuleList(Linear(c.dim, n, bias=False) for n in self.sizes)
         self.rope_args = (c.grid_size, c.head_dim, c.rope_base)
         self.init_buffers()
 
@@ -57,7 +58,6 @@ class FactorizedHead(nn.Module):
         """float32 logits (B, V_g) of sub-token g: index 0 is the trunk's h (B, D); index g > 0 the embedded
         sub-token g-1 (B, D); earlier indices are cached."""
         x = (h if g == 0 else prev_emb)[:, None]  # (B, 1, D)
-        pos = self.layers[0].attention.kv_cache.positions[g:g + 1]  # (1,)
         for layer in self.layers:
-            x = layer(x, self.freqs_cis[g:g + 1], pos)
+            x = layer(x, self.freqs_cis[g:g + 1], g)
         return self.logits(x[:, -1], g).float()

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import GPTConfig
+from gpt.packed import Linear, WeightPack, linear
 
 
 class RMSNorm(nn.Module):
@@ -65,27 +66,41 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated (B, H, S_max, D) keys and values, written in place at a position tensor; not in the state dict.
+    """Preallocated (B, H, S_max, D) keys and values, written in place; not in the state dict.
 
-    Every read returns the whole buffer and a mask of the positions each query may see, so a cached step has the
-    same shapes at every position: what lets torch.compile capture one graph (one CUDA graph on GPU) for all of them.
+    Two ways to address it (the `pos` of `update`):
+    - an int, the position of the first of the new rows: the read is the prefix written so far, so attention
+      reads only the keys it needs (eager, and any caller whose position is a Python number);
+    - a position tensor (S,): the read is the whole buffer with a mask, so a cached step has the same shapes at
+      every position: what lets torch.compile capture one graph (one CUDA graph on GPU) for all of them.
     """
 
     def __init__(self, batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
+        # One spare slot, never written: a prefix read never spans the whole buffer, so it is never contiguous, and
+        # a step compiled with a symbolic position does not specialise (recompile) on the last one.
+        seq += 1
         shape = (batch, heads, seq, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("positions", torch.arange(seq, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store k, v (b, H, S, D) at positions pos (S,) int64; return the (b, H, S_max, D) buffers and the mask
-        (S, S_max), True where key position <= query position. Positions not written yet are zeros and masked."""
-        b = k.shape[0]
-        self.k_cache[:b].index_copy_(2, pos, k.to(self.k_cache.dtype))
-        self.v_cache[:b].index_copy_(2, pos, v.to(self.v_cache.dtype))
-        return self.k_cache[:b], self.v_cache[:b], self.positions <= pos[:, None]
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store k, v (b, H, S, D) at positions pos (an int start, or (S,) int64); return the keys and values to
+        attend to, (b, H, n, D) each, and the mask (S, n), True where key position <= query position. The mask is
+        None where the read is exactly causal: one query row at the end of the read, or S rows from position 0."""
+        b, S = k.shape[0], k.shape[2]
+        k_cache, v_cache = self.k_cache[:b], self.v_cache[:b]
+        if isinstance(pos, int):
+            end = pos + S
+            k_cache[:, :, pos:end] = k
+            v_cache[:, :, pos:end] = v
+            mask = None if S == 1 or pos == 0 else self.positions[:end] <= self.positions[pos:end, None]
+            return k_cache[:, :, :end], v_cache[:, :, :end], mask
+        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))  # unwritten positions stay zeros and are masked
+        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+        return k_cache, v_cache, self.positions <= pos[:, None]
 
 
 class Attention(nn.Module):
@@ -95,8 +110,8 @@ class Attention(nn.Module):
                  resid_dropout_p: float = 0.0, qk_norm_eps: float | None = None):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
-        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wqkv = Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = Linear(dim, dim, bias=False)
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(self.head_dim, qk_norm_eps)
@@ -106,8 +121,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, S, dim). With a KV cache, pos (S,) are the positions of x's S rows in the cached sequence."""
+                pos: int | torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, dim). With a KV cache, pos places x's S rows in the cached sequence (see KVCache.update)."""
         B, S, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
@@ -121,8 +136,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         mask = None
         if self.kv_cache is not None:
-            k, v, mask = self.kv_cache.update(pos, k, v)  # (B, H_kv, S_max, D) x 2, (S, S_max)
-        # Without a cache the S positions start at 0 (training), where causal = lower-triangular.
+            k, v, mask = self.kv_cache.update(pos, k, v)  # (B, H_kv, n, D) x 2, (S, n) or None
+        # Without a mask the S rows start at key position 0 (always in training), where causal = lower-triangular.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
@@ -134,9 +149,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout_p: float = 0.0):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
         self.ffn_dropout = nn.Dropout(dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +160,7 @@ class FeedForward(nn.Module):
 
 def ada_lin(dim: int, n: int) -> nn.Sequential:
     """adaLN modulation: class embedding (B, 1, dim) -> n vectors of dim, SiLU then Linear (IBQ-AR's `ada_lin`)."""
-    return nn.Sequential(nn.SiLU(), nn.Linear(dim, n * dim))
+    return nn.Sequential(nn.SiLU(), Linear(dim, n * dim))
 
 
 class Block(nn.Module):
@@ -161,7 +176,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.ada_lin = ada_lin(dim, 6) if adaln else None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor | None = None, pos: int | torch.Tensor | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
         if self.ada_lin is None:
             h = x + self.drop_path(self.attention(self.attention_norm(x), freqs, pos))
@@ -201,6 +216,7 @@ class ParallelHead(nn.Module):
         self.sizes = list(sizes)
         self.bounds = list(itertools.accumulate(self.sizes, initial=0))  # group g: rows bounds[g]:bounds[g+1]
         self.proj = nn.Linear(dim, sum(self.sizes), bias=False)
+        self._packs, self.packed = [WeightPack() for _ in self.sizes], None  # per group, for CPU decoding
 
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         out = self.proj(h)
@@ -211,8 +227,19 @@ class ParallelHead(nn.Module):
     def setup_cache(self, batch: int, dtype: torch.dtype) -> None:
         pass
 
+    def attach_pack(self, on: bool, keep: bool = True) -> None:
+        """Packed copies of each group's rows of proj (see gpt.packed.Linear.attach_pack)."""
+        self.packed = [pack.get(self._rows(g)) for g, pack in enumerate(self._packs)] if on else None
+        if not on and not keep:
+            for pack in self._packs:
+                pack.clear()
+
+    def _rows(self, g: int) -> torch.Tensor:
+        return self.proj.weight[self.bounds[g]:self.bounds[g + 1]]
+
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(h, self.proj.weight[self.bounds[g]:self.bounds[g + 1]]).float()  # (B, V_g)
+        packed = None if self.packed is None else self.packed[g]
+        return linear(h, self._rows(g), None, packed).float()  # (B, V_g)
 
 
 class ARHead(nn.Module):
@@ -236,7 +263,7 @@ class ARHead(nn.Module):
             Block(dim, Attention(dim, groups, groups, qk_norm_eps=norm_eps), FeedForward(dim, 4 * dim), norm_eps)
             for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, codes, bias=False)
+        self.head = Linear(dim, codes, bias=False)
 
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         B, L, D = h.shape
@@ -257,15 +284,12 @@ class ARHead(nn.Module):
             attn.kv_cache = KVCache(batch, attn.n_head, self.groups + 1, attn.head_dim, dtype, self.sos.device)
 
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None) -> torch.Tensor:
-        positions = self.layers[0].attention.kv_cache.positions  # (G+1,)
         if g == 0:  # start this position's sequence: [h, sos] at indices 0, 1
             x = torch.stack([h, self.sos[0, 0].expand_as(h)], dim=1) + self.pos_emb[:, :2]  # (B, 2, D)
-            pos = positions[:2]
         else:  # the caller's sampled sub-token g-1 enters at index g+1; indices < g+1 are cached
             x = (self.tok_emb(prev_sub) + self.pos_emb[0, g + 1])[:, None]  # (B, 1, D)
-            pos = positions[g + 1:g + 2]
         for layer in self.layers:
-            x = layer(x, None, pos)
+            x = layer(x, None, 0 if g == 0 else g + 1)
         return self.head(self.ln_f(x[:, -1]))[:, :self.sizes[g]].float()  # (B, V_g)
 
 
@@ -286,8 +310,8 @@ class GPT(nn.Module):
                                  f"{shape} (groups*codes per group, codebook_embed_dim/groups)")
             self.register_buffer("codebook", codebook.detach().clone().float())
             self.img_projector = nn.Sequential(
-                nn.Linear(c.codebook_embed_dim, c.dim // 2, bias=False), nn.GELU(),
-                nn.Linear(c.dim // 2, c.dim, bias=False), nn.LayerNorm(c.dim))
+                Linear(c.codebook_embed_dim, c.dim // 2, bias=False), nn.GELU(),
+                Linear(c.dim // 2, c.dim, bias=False), nn.LayerNorm(c.dim))
         else:
             # One table per group, summed: the same as G nn.Embedding(K, dim) and as a linear map of the G one-hot
             # codes concatenated, without a projection to learn or run.
@@ -394,11 +418,12 @@ class GPT(nn.Module):
     # Cached generation: the caller owns the loop and the sampling policy.
 
     def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
-        """Attach KV caches (trunk and head). The buffers of the last `clear_cache` are reused when batch, dtype
-        and device match, so a compiled step sees the same addresses batch after batch (CUDA graphs re-record on
-        new ones); `clear_cache(keep=False)` frees them."""
+        """Attach KV caches (trunk and head) and, on a CPU, packed weights (gpt.packed). The buffers of the last
+        `clear_cache` are reused when batch, dtype and device match, so a compiled step sees the same addresses
+        batch after batch (CUDA graphs re-record on new ones); `clear_cache(keep=False)` frees them."""
         c, weight = self.config, self.cls_embedding.embedding_table.weight
         dtype, device = dtype or weight.dtype, weight.device
+        self._attach_packs(True)
         attentions = [m for m in self.modules() if isinstance(m, Attention)]
         if self._kept_caches is not None and self._kept_caches[0] == (max_batch_size, dtype, device):
             for attention, cache in zip(attentions, self._kept_caches[1]):
@@ -421,37 +446,42 @@ class GPT(nn.Module):
             self._kept_caches = None
         for attention in attentions:
             attention.kv_cache = None
+        self._attach_packs(False, keep)
         self.cond = None
+
+    def _attach_packs(self, on: bool, keep: bool = True) -> None:
+        for m in self.modules():
+            if hasattr(m, "attach_pack"):
+                m.attach_pack(on, keep)
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Run the class position; return the hidden (B, dim) that predicts image position 0."""
+        self._check_cache()
         self.cond = self.cls_embedding(labels)  # (B, 1, dim), kept for the adaLN of later steps
-        return self._step(self.cond, self._cache_positions()[:1])
+        return self._step(self.cond, 0)
 
     def decode_step(self, prev_codes: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """Feed the codes (B, G) of image position t-1; return the hidden (B, dim) that predicts position t.
 
-        t: an int, or a (1,) int64 tensor on the model's device, which a compiled caller passes so that every
-        position runs the same graph (a tensor is not range-checked: that would cost a device sync).
+        t: an int (attention reads the t+1 cached positions), or a (1,) int64 tensor on the model's device, which
+        a compiled caller passes so that every position runs the same graph (attention reads the whole cache,
+        masked; the tensor is not range-checked: that would cost a device sync).
         """
-        if not isinstance(t, torch.Tensor):
-            if not 1 <= t < self.config.seq_len:
-                raise ValueError(f"decode_step position t={t} is outside [1, {self.config.seq_len})")
-            t = self._cache_positions()[t:t + 1]
+        if not isinstance(t, torch.Tensor) and not 1 <= t < self.config.seq_len:
+            raise ValueError(f"decode_step position t={t} is outside [1, {self.config.seq_len})")
+        self._check_cache()
         return self._step(self.embed_codes(prev_codes[:, None]), t)
 
-    def _cache_positions(self) -> torch.Tensor:
-        cache = self.layers[0].attention.kv_cache
-        if cache is None:
+    def _check_cache(self) -> None:
+        if self.layers[0].attention.kv_cache is None:
             raise RuntimeError("setup_cache(max_batch_size) must be called before prefill or decode_step")
-        return cache.positions  # (seq_len,)
 
-    def _step(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, dim) at cache position pos (1,) -> final-normed hidden (B, dim)."""
-        freqs = self.freqs_cis[pos]  # (1, head_dim/2, 2)
+    def _step(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """x (B, 1, dim) at cache position t (an int, or a (1,) tensor) -> final-normed hidden (B, dim)."""
+        freqs = self.freqs_cis[t:t + 1] if isinstance(t, int) else self.freqs_cis[t]  # (1, head_dim/2, 2)
         cond = None if self.cond is None else self.cond[:x.shape[0]]
         for layer in self.layers:
-            x = layer(x, freqs, pos, cond)
+            x = layer(x, freqs, t, cond)
         return self.final_norm(x[:, -1:], cond)[:, 0]  # (B, dim)
 
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None = None) -> torch.Tensor:

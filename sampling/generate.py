@@ -15,12 +15,16 @@ CFG_SCHEDULES = ("constant", "linear")
 _M32 = 0xFFFFFFFF
 
 
+def _top_k_threshold(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest logit of each row (B, 1); unsorted topk is 3x faster than sorted."""
+    return torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties with the k-th are kept); the rest become -inf. k=0: no-op."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (B, 1); unsorted is 3x faster
-    return logits.masked_fill(logits < kth, float("-inf"))
+    return logits.masked_fill(logits < _top_k_threshold(logits, k), float("-inf"))
 
 
 def _nucleus_threshold(ranked: torch.Tensor, p: float) -> torch.Tensor:
@@ -94,35 +98,54 @@ def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(keys: torch.Tensor, counter: int | torch.Tensor) -> torch.Tensor:
-    """Draw number `counter` (an int in [0, 2**32), or a (1,) int64 tensor of one) of every sample's stream:
-    float64 in [0, 1), (B,)."""
+    """Draw number `counter` of every sample's stream, float64 in [0, 1): an int in [0, 2**32) gives (B,), an int64
+    tensor of counters (n,) gives (B, n)."""
     if isinstance(counter, torch.Tensor):
-        c = _hash32(counter & _M32)  # (1,): broadcasts over the samples
+        c, keys = _hash32(counter & _M32), keys[:, None]  # (n,) against (B, 1)
     else:
         c = _hash32(torch.full_like(keys, counter & _M32))
     return _hash32(_hash32(c ^ keys) ^ c).double() / 2.0**32
 
 
-def sample_from_logits(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse-CDF sampling: (B, V) logits and (B,) uniforms in [0, 1) -> (B,) int64 indices.
 
-    The cumulative sum runs in float64 over each row alone, so a row's result never depends on other rows.
-    Tokens of probability 0 (filtered to -inf) are never chosen.
+    Token i weighs exp(logit_i - max), summed in float64 over each row alone, so a row's result never depends on
+    other rows. Tokens of probability 0 (filtered to -inf) are never chosen; nor are those below `threshold`
+    (B, 1), which draws exactly as if they had been filtered to -inf, without writing the filtered logits.
     """
-    cdf = logits.float().softmax(-1).double().cumsum(-1)  # (B, V)
+    logits = logits.float()
+    weights = (logits - logits.amax(-1, keepdim=True)).exp()  # (B, V), unnormalised: the target scales instead
+    if threshold is not None:
+        weights = weights * (logits >= threshold)
+    cdf = weights.double().cumsum(-1)
     target = (u * cdf[:, -1]).unsqueeze(1)  # scaled by the total so rounding in the sum cannot push past it
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return idx.clamp_(max=logits.shape[-1] - 1)
 
 
+def filter_threshold(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor | None:
+    """The smallest logit that top-k then top-p (on the renormalised top-k distribution) keep, per row (B, 1);
+    None when neither filters. Keeping logits >= it is what LlamaGen's and HF's filters, in that order, keep."""
+    V = logits.shape[-1]
+    if top_p >= 1.0:
+        return _top_k_threshold(logits, top_k) if 0 < top_k < V else None
+    # One sorted top-k serves both thresholds, instead of a top-k and then a sort of all V logits.
+    ranked = torch.topk(logits, top_k, dim=-1).values if 0 < top_k < V else logits.sort(dim=-1, descending=True).values
+    return _nucleus_threshold(ranked, top_p)  # >= the k-th largest: the nucleus is a prefix of the top k
+
+
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (on the renormalised top-k distribution), as LlamaGen and HF order them."""
+    """Temperature, then top-k, then top-p; the filtered logits become -inf."""
     logits = logits / temperature
-    if top_p >= 1.0 or not 0 < top_k < logits.shape[-1]:
-        return top_p_filter(top_k_filter(logits, top_k), top_p)
-    # Both: one sorted top-k serves both thresholds, instead of a top-k and then a sort of all V logits.
-    ranked = torch.topk(logits, top_k, dim=-1).values  # (B, k) descending
-    return logits.masked_fill(logits < _nucleus_threshold(ranked, top_p), float("-inf"))
+    threshold = filter_threshold(logits, top_k, top_p)
+    return logits if threshold is None else logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) True for the rows of (B, V) holding a NaN or an infinity (min and max propagate NaN; one pass)."""
+    low, high = torch.aminmax(logits, dim=-1)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def per_group(value, G: int, name: str) -> list:
@@ -148,30 +171,36 @@ def _check_settings(G: int, temperature, top_k, top_p, top_k_log2: bool) -> tupl
     return temps, ks, ps
 
 
-def position_step(model, inputs: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, scales: torch.Tensor,
+def position_step(model, inputs: torch.Tensor, t: int | torch.Tensor, draws: torch.Tensor, scales: torch.Tensor,
                   temps: tuple, ks: tuple, ps: tuple, guided: bool, first: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw the G codes of one image position: trunk step, then per group sub-token logits -> CFG -> filters -> draw.
 
     inputs: the labels (rows,) when `first` (the class position, prefill), else the codes (B, G) of position
-    pos-1. pos (1,) int64: the image position; keys (B,): the samples' random streams; scales (L, G) float32: the
-    guidance scale per position and group; temps, ks, ps: one value per group. `guided`: the model runs 2B rows, [B, 2B)
-    the null class. Returns the codes (B, G) and a flag (B,) for samples that met a non-finite logit.
-    Everything that changes per position is a tensor, so torch.compile captures one graph for all positions.
+    t-1. t: the image position, an int (attention reads only the cached positions; compiled on a CPU, the int is
+    symbolic) or a (1,) int64 tensor (every position has the same shapes, so
+    torch.compile captures one graph, one CUDA graph, for all of them).
+    draws (B, L*G) float64: every sample's uniforms, number t*G+g for sub-token g of position t; scales: the guidance scale per position and group, (L, G) float32
+    (a tensor when t is one, else its rows as lists of floats);
+    temps, ks, ps: one value per group. `guided`: the model runs 2B rows, [B, 2B) the null class.
+    Returns the codes (B, G) and a flag (B,) for samples that met a non-finite logit.
     """
-    B, G = keys.shape[0], len(temps)
-    h = model.prefill(inputs) if first else model.decode_step(torch.cat([inputs, inputs]) if guided else inputs, pos)
-    scale = scales[pos]  # (1, G)
-    bad = torch.zeros(B, dtype=torch.bool, device=keys.device)
+    B, G = draws.shape[0], len(temps)
+    h = model.prefill(inputs) if first else model.decode_step(torch.cat([inputs, inputs]) if guided else inputs, t)
+    # Slices, not indexing: an index would specialise a compiled step on a symbolic t
+    scale = scales[t:t + 1].reshape(G) if isinstance(scales, torch.Tensor) else scales[t]  # (G,) or G floats
+    bad = torch.zeros(B, dtype=torch.bool, device=draws.device)
     out, sub = [], None
     for g in range(G):
         logits = model.sub_logits(h, g, sub).float()  # (B or 2B, V_g)
-        nonfinite = ~torch.isfinite(logits).all(-1)
+        nonfinite = nonfinite_rows(logits)
         bad = bad | (nonfinite[:B] | nonfinite[B:] if guided else nonfinite)
         if guided:
-            logits = cfg_mix(logits[:B], logits[B:], scale[:, g:g + 1])
-        logits = filter_logits(logits, temps[g], ks[g], ps[g])
-        out.append(sample_from_logits(logits, uniforms(keys, pos * G + g)))  # (B,)
+            logits = cfg_mix(logits[:B], logits[B:], scale[g])
+        logits = logits / temps[g]
+        threshold = filter_threshold(logits, ks[g], ps[g])
+        u = draws[:, t * G + g:t * G + g + 1].reshape(B)
+        out.append(sample_from_logits(logits, u, threshold))  # (B,)
         sub = torch.cat([out[-1]] * 2) if guided else out[-1]
     return torch.stack(out, dim=1), bad
 
@@ -180,12 +209,18 @@ _COMPILED: dict[str, object] = {}
 
 
 def compiled_position_step(device_type: str):
-    """`position_step` under torch.compile, built once per device type: fullgraph (no graph breaks), static shapes
-    (dynamic=False: settings, batch and head step are baked in, one graph per such combination and none per
-    position), CUDA graphs on GPU (mode reduce-overhead), inductor's default on CPU."""
+    """`position_step` under torch.compile, built once per device type, fullgraph (no graph breaks).
+
+    CUDA: static shapes (dynamic=False) and CUDA graphs (mode reduce-overhead); the caller passes the position as a
+    tensor, so one graph serves every position. CPU: inductor's default with symbolic shapes (dynamic=True); the
+    caller passes the position as an int, a symbol in the graph, so attention reads only the cached positions
+    and one graph serves every position (and every batch size).
+    Either way the settings, the head step and the guidance phase are baked in: one graph per such combination.
+    """
     if device_type not in _COMPILED:
-        mode = "reduce-overhead" if device_type == "cuda" else None
-        _COMPILED[device_type] = torch.compile(position_step, fullgraph=True, dynamic=False, mode=mode)
+        cuda = device_type == "cuda"
+        _COMPILED[device_type] = torch.compile(position_step, fullgraph=True, dynamic=not cuda,
+                                               mode="reduce-overhead" if cuda else None)
     return _COMPILED[device_type]
 
 
@@ -240,13 +275,14 @@ def generate(
         seeds = torch.randint(2**62, (B,), dtype=torch.int64)
     if seeds.shape != (B,):
         raise ValueError(f"seeds has shape {tuple(seeds.shape)}, expected ({B},)")
-    keys = seed_keys(seeds.to(device))
+    draws = uniforms(seed_keys(seeds.to(device)), torch.arange(L * G, device=device))  # (B, L*G), made at once
     group_scales = per_group(cfg_scale, G, "cfg_scale")
     if any(scale < 1.0 for scale in group_scales):
         raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
                          f"samplers, which apply guidance only above 1")
     scales = torch.tensor([[cfg_scale_at(t, L, scale, cfg_interval, cfg_schedule) for scale in group_scales]
-                           for t in range(L)], dtype=torch.float32, device=device)  # (L, G)
+                           for t in range(L)], dtype=torch.float32)  # (L, G)
+    scale_rows, scales = scales.tolist(), scales.to(device)  # eager steps read floats (as float32 rounds them)
     guided_until = _guided_until(L, any(scale != 1.0 for scale in group_scales), cfg_interval)
     if guided_until:  # rows [0, B) conditional, [B, 2B) the null class
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
@@ -259,13 +295,18 @@ def generate(
     model.setup_cache(labels.shape[0])
     try:
         for t in range(L):
-            pos.fill_(t)
             # The class position runs eagerly: it is one of L and would be a graph of its own.
-            fn = position_step if t == 0 else step
-            if fn is not position_step and device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous position's outputs are consumed
-            out, nonfinite = fn(model, labels if t == 0 else codes[:, t - 1], pos, keys, scales, *policy,
-                                guided=t < guided_until, first=t == 0)
+            if compile and t > 0:
+                fn, where, table = step, t, scales
+                if device.type == "cuda":
+                    pos.fill_(t)
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous position's outputs are consumed
+                    where = pos
+            else:
+                fn, where, table = position_step, t, scale_rows
+            # A copy, not a view of `codes`: a view's offset varies with t, and a symbolic step would specialise on it
+            inputs = labels if t == 0 else codes[:, t - 1].clone()
+            out, nonfinite = fn(model, inputs, where, draws, table, *policy, guided=t < guided_until, first=t == 0)
             codes[:, t] = out
             bad |= nonfinite
     finally:

@@ -256,7 +256,7 @@ def bench_sample(args: argparse.Namespace) -> None:
     # The step attends over the whole static cache (L positions, masked); the reference over the t+1 it needs.
     model.setup_cache(rows)
     pos = torch.tensor([t], device=device)
-    fns = {"eager step": lambda: model.decode_step(prev, pos), "gemms": weight_gemms, "attention": attention}
+    fns = {"eager step": lambda: model.decode_step(prev, t), "gemms": weight_gemms, "attention": attention}
     if args.compile:
         compiled_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if device.type == "cuda" else None)

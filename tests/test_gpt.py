@@ -34,14 +34,16 @@ def random_inputs(config: GPTConfig, batch: int = 3, seed: int = 0):
     return codes, labels
 
 
-def cached_logits(model: GPT, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced logits (B, L, G, V) through prefill / decode_step / sub_logits."""
+def cached_logits(model: GPT, codes: torch.Tensor, labels: torch.Tensor, tensor_positions: bool = False
+                  ) -> torch.Tensor:
+    """Teacher-forced logits (B, L, G, V) through prefill / decode_step / sub_logits; `tensor_positions`: the
+    positions as tensors (attention over the whole cache, masked, as a CUDA graph runs it) instead of ints."""
     B, L, G = codes.shape
     out = torch.empty(B, L, G, model.config.codebook_size)
     h = model.prefill(labels)
     for t in range(L):
         if t > 0:
-            h = model.decode_step(codes[:, t - 1], t)
+            h = model.decode_step(codes[:, t - 1], torch.tensor([t]) if tensor_positions else t)
         for g in range(G):
             out[:, t, g] = model.sub_logits(h, g, codes[:, t, g - 1] if g > 0 else None)
     return out
@@ -69,14 +71,15 @@ def test_golden_parity(golden):
     dict(head="ar", input_embedding="learned", n_kv_head=2),
     dict(head="parallel", n_kv_head=1),
 ], ids=["ar", "parallel", "ar-learned-gqa", "parallel-mqa"])
-def test_cached_path_equals_forward(overrides):
+@pytest.mark.parametrize("tensor_positions", [False, True], ids=["int-positions", "tensor-positions"])
+def test_cached_path_equals_forward(overrides, tensor_positions):
     model = tiny_model(**overrides)
     codes, labels = random_inputs(model.config, batch=3)
     with torch.no_grad():
         full = model(codes, labels)
         model.setup_cache(max_batch_size=5)  # a cache larger than the batch, used twice
-        first = cached_logits(model, codes, labels)
-        second = cached_logits(model, codes[:2].flip(1), labels[:2])
+        first = cached_logits(model, codes, labels, tensor_positions)
+        second = cached_logits(model, codes[:2].flip(1), labels[:2], tensor_positions)
         model.clear_cache()
         full_second = model(codes[:2].flip(1), labels[:2])
     torch.testing.assert_close(first, full, rtol=0, atol=1e-5)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig
-from sampling.generate import (cfg_mix, cfg_scale_at, filter_logits, generate, sample_from_logits, seed_keys,
-                               top_k_filter, top_p_filter, uniforms)
+from sampling.generate import (cfg_mix, cfg_scale_at, filter_logits, filter_threshold, generate, sample_from_logits,
+                               seed_keys, top_k_filter, top_p_filter, uniforms)
 
 INF = float("inf")
 
@@ -73,6 +73,18 @@ def test_inverse_cdf_sampling():
     assert sample_from_logits(masked, torch.tensor([0.0, 0.4999, 0.9999999], dtype=torch.float64)).tolist() == [1, 1, 3]
 
 
+def test_drawing_below_a_threshold_equals_drawing_from_filtered_logits():
+    """The sampler draws with filter_threshold (no -inf written); it must pick what the filtered logits pick."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 500, generator=gen) * 3
+    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    for k, p in [(0, 1.0), (1, 1.0), (50, 1.0), (0, 0.7), (50, 0.9), (499, 0.3)]:
+        threshold = filter_threshold(logits, k, p)
+        want = sample_from_logits(filter_logits(logits, 1.0, k, p), u)
+        assert torch.equal(sample_from_logits(logits, u, threshold), want), (k, p)
+    assert filter_threshold(logits, 0, 1.0) is None and filter_threshold(logits, 500, 1.0) is None
+
+
 def test_random_streams_are_uniform_and_keyed_by_seed_and_counter():
     keys = seed_keys(torch.arange(20000, dtype=torch.int64))
     u = uniforms(keys, 7)
@@ -83,6 +95,8 @@ def test_random_streams_are_uniform_and_keyed_by_seed_and_counter():
     assert torch.corrcoef(torch.stack([u, uniforms(keys, 8)]))[0, 1].abs() < 0.03  # counters are decorrelated
     assert not torch.equal(seed_keys(torch.tensor([5])), seed_keys(torch.tensor([5 + 2**40])))  # high bits count
     assert torch.equal(uniforms(keys[:3], 7), u[:3])
+    table = uniforms(keys[:3], torch.arange(5, 9))  # a row of counters at once: (B, 4), column j is counter 5 + j
+    assert table.shape == (3, 4) and torch.equal(table[:, 2], u[:3])
     with pytest.raises(ValueError, match="non-negative"):
         seed_keys(torch.tensor([-1]))
     # sampling with them follows the distribution: 20000 draws from (0.1, 0.2, 0.3, 0.4)
@@ -234,7 +248,7 @@ def test_compiled_graph_count_does_not_grow_with_the_sequence(monkeypatch):
     from torch._dynamo.utils import counters
 
     gen = importlib.import_module("sampling.generate")  # the module: the package exports its function `generate`
-    step = torch.compile(gen.position_step, backend="eager", fullgraph=True, dynamic=False)
+    step = torch.compile(gen.position_step, backend="eager", fullgraph=True, dynamic=True)  # as on a CPU
     monkeypatch.setattr(gen, "_COMPILED", {"cpu": step})
     graphs = []
     for grid in (2, 4):

@@ -1,0 +1,81 @@
+"""CPU decoding at the memory-bandwidth limit: linear layers through MKL-packed copies of their weights.
+
+A cached decoding step multiplies a few rows by every weight matrix, so its cost is the time to read the weights.
+At 8 rows on an x86 CPU, F.linear (x @ W^T) reads them at about 12 GB/s and MKL's packed GEMM at about 19 GB/s
+(`scripts/bench.py sample` prints both). `GPT.setup_cache` attaches packs (CPU, float32 weights, MKL present) and
+`clear_cache` detaches them, so training and autograd never meet them; a pack is remade when its weight has changed
+since it was made. Results equal F.linear's to float32 rounding (another summation order), not bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_PACK_ROWS = 8  # MKL's packing hint; the packed matrix serves any row count (tests/test_gpt.py checks 1..33 rows)
+
+
+def _mkl_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.numel() // x.shape[-1])
+
+
+@torch.library.custom_op("gpt::mkl_linear", mutates_args=())
+def _mkl_linear_op(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """The packed GEMM as an opaque op for torch.compile: inductor lowers MKL's own op only for packs it made."""
+    return _mkl_linear(x, packed, weight, bias)
+
+
+@_mkl_linear_op.register_fake
+def _(x, packed, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+           ) -> torch.Tensor:
+    """F.linear(x, weight, bias), through `packed` (MKL's layout of `weight`) in plain float32 inference."""
+    if packed is None or x.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _mkl_linear_op(x, packed, weight, bias)
+    return _mkl_linear(x, packed, weight, bias)
+
+
+class WeightPack:
+    """The packed copy of one weight matrix, kept while the weight is unchanged (same storage and version)."""
+
+    def __init__(self):
+        self.key, self.packed = None, None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The pack of `weight` (a 2-D float32 CPU tensor, or a row slice of one), or None where MKL can't pack."""
+        if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()):
+            return None
+        key = (weight.data_ptr(), tuple(weight.shape), weight._version)
+        if key != self.key:
+            self.key = key
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), _PACK_ROWS)
+        return self.packed
+
+    def clear(self) -> None:
+        self.key, self.packed = None, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs through a packed copy of its weight while one is attached (`attach_pack`)."""
+
+    packed: torch.Tensor | None = None
+    _pack: WeightPack | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
+
+    def attach_pack(self, on: bool, keep: bool = True) -> None:
+        """on: attach the pack of the current weight (made now, or kept from before); off: detach it, keeping it
+        for the next attach unless `keep` is False."""
+        if self._pack is None:
+            self._pack = WeightPack()
+        self.packed = self._pack.get(self.weight) if on else None
+        if not on and not keep:
+            self._pack.clear()

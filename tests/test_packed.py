@@ -1,0 +1,93 @@
+"""Packed linear weights for CPU decoding (gpt.packed): same results as F.linear, used only where they should be."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpt import GPT, GPTConfig
+from gpt.packed import Linear
+from sampling import generate
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL packs only on x86 CPU builds")
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every aten/mkl op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def packed_linear(bias: bool = True) -> Linear:
+    torch.manual_seed(0)
+    layer = Linear(40, 48, bias=bias)
+    layer.attach_pack(True)
+    assert layer.packed is not None
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (3, 40), (8, 40), (16, 40), (33, 40), (2, 5, 40)])
+def test_packed_linear_equals_f_linear_for_any_row_count(shape):
+    layer = packed_linear()
+    x = torch.randn(shape)
+    with torch.no_grad(), OpLog() as log:
+        got = layer(x)
+    assert "mkl._mkl_linear" in log.names  # the packed GEMM ran, not a fallback
+    want = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+def test_packed_linear_reads_strided_rows():
+    layer = packed_linear(bias=False)
+    x = torch.randn(6, 3, 40)[:, -1]  # every third row: not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_packs_are_skipped_under_autograd_and_autocast():
+    layer = packed_linear()
+    x = torch.randn(8, 40)
+    with OpLog() as log:
+        y = layer(x)  # grad enabled: the pack has no backward
+    y.sum().backward()
+    assert layer.weight.grad is not None and "mkl._mkl_linear" not in log.names
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OpLog() as log:
+        assert layer(x).dtype == torch.bfloat16
+    assert "mkl._mkl_linear" not in log.names
+
+
+def test_a_pack_follows_its_weight():
+    layer = packed_linear(bias=False)
+    kept = layer.packed
+    layer.attach_pack(False)
+    assert layer.packed is None
+    layer.attach_pack(True)
+    assert layer.packed is kept  # unchanged weight: the kept pack, not a new one
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # as an optimizer step would
+    layer.attach_pack(True)
+    assert layer.packed is not kept
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    layer.attach_pack(False, keep=False)
+    assert layer.packed is None and layer._pack.packed is None
+
+
+def test_generate_runs_on_packs_and_leaves_none_behind():
+    torch.manual_seed(0)
+    config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=2, num_classes=10,
+                              codebook_embed_dim=8, head="parallel", input_embedding="codebook")
+    model = GPT(config, codebook=torch.randn(32, 4)).eval()
+    with OpLog() as log:
+        generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1]))
+    assert log.names.count("mkl._mkl_linear") > 0
+    assert "aten.mm" not in log.names and "aten.addmm" not in log.names  # every GEMM of the step is packed
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is None for m in linears) and model.head.packed is None
