@@ -157,15 +157,27 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10)
 
 
-def bench_sample(args: argparse.Namespace) -> None:
-    """Cached generation throughput, with and without decoding, and one decode step against its GEMMs alone."""
+def _timed(fn, device) -> float:
+    """Seconds for one call of fn, the device synchronised around it."""
     import time
 
     import torch
 
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_sample(args: argparse.Namespace) -> None:
+    """Cached generation throughput, eager and compiled, with and without decoding; then one decode step."""
+    import torch
+
     from gpt import GPT, GPTConfig
     from sampling import generate
-    from tokenizer import MGVQ, MGVQConfig
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -173,110 +185,110 @@ def bench_sample(args: argparse.Namespace) -> None:
     config = GPTConfig.preset(args.preset, codebook_groups=G, codebook_size=K, grid_size=args.grid,
                               num_classes=1000, codebook_embed_dim=32, head=args.head)
     model = GPT(config, codebook=torch.randn(G * K, 32 // G)).to(device).eval()
-    L, rows = config.seq_len, B * (2 if args.cfg_scale != 1.0 else 1)  # the GPT runs both CFG halves
     dtype = autocast_dtype(args.precision)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
-
-    def timed(fn, repeats: int, warmup: bool = True) -> float:
-        if warmup:
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / repeats
-
-    labels = torch.randint(1000, (B,), device=device)
-    seeds = torch.arange(B)
-    codes = None
+    labels, seeds = torch.randint(1000, (B,), device=device), torch.arange(B)
+    name = f"{args.preset} head {args.head} batch {B} cfg {args.cfg_scale} {args.precision} {device}"
+    codes = {}
 
     def gen(compiled: bool) -> None:
-        nonlocal codes
         with autocast():
-            codes = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=seeds, compile=compiled)
+            codes[compiled] = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, seeds=seeds,
+                                       compile=compiled)
 
-    name = f"{args.preset} head {args.head} batch {B} cfg {args.cfg_scale} {args.precision} {device}"
     modes = [False, True] if args.compile else [False]
     seconds = {}
     if args.steps:
         for compiled in modes:  # warm-up: the compiled one compiles its graphs here, reported on its own
-            warm = timed(lambda: gen(compiled), 1, warmup=False)
-            print(f"sample {name} {'compiled' if compiled else 'eager'}: warm-up {warm:.2f} s"
+            print(f"sample {name} {'compiled' if compiled else 'eager'}: warm-up {_timed(lambda: gen(compiled), device):.2f} s"
                   + (" (compiling its graphs)" if compiled else ""))
         runs = {compiled: [] for compiled in modes}
         for _ in range(args.steps):  # interleaved, so a shared machine's load falls on both alike
             for compiled in modes:
-                runs[compiled].append(timed(lambda: gen(compiled), 1, warmup=False))
+                runs[compiled].append(_timed(lambda: gen(compiled), device))
         for compiled, times in runs.items():
             seconds[compiled] = sum(times) / len(times)
             print(f"sample {name} {'compiled' if compiled else 'eager'}, {args.grid}x{args.grid} codes x G{G}: "
-                  f"{seconds[compiled]:.2f} s/batch (best {min(times):.2f}), {B * L / seconds[compiled]:,.1f} "
+                  f"{seconds[compiled]:.2f} s/batch (best {min(times):.2f}), {B * config.seq_len / seconds[compiled]:,.1f} "
                   f"positions/s, {B / seconds[compiled]:.3f} images/s (codes only)")
-    if args.steps and args.tokenizer_preset:
-        tok_name, _, groups = args.tokenizer_preset.rpartition("-g")
-        tokenizer = MGVQ(MGVQConfig.preset(tok_name, int(groups))).to(device).eval()
-        grid_codes = codes.view(B, args.grid, args.grid, G)
-        decode = timed(lambda: tokenizer.decode_codes(grid_codes), 1)
-        fastest = min(seconds.values())
-        print(f"  + decode {tok_name} ({args.grid * tokenizer.config.downsample}px): {decode:.2f} s/batch, "
-              f"{B / (fastest + decode):.3f} images/s with decoding")
+        if args.tokenizer_preset:
+            bench_decode(args, codes[False].view(B, args.grid, args.grid, G), min(seconds.values()), device)
+    if args.step_repeats:
+        with torch.no_grad(), autocast():
+            bench_step(model, args, device, dtype)
 
-    if not args.step_repeats:
-        return
-    # One trunk step at the middle of the sequence, against the same GEMMs on preallocated tensors.
-    t = L // 2
-    prev = torch.randint(K, (rows, G), device=device)
-    D, H, hd, F = config.dim, config.n_head, config.head_dim, config.ffn_hidden
-    kv = config.kv_heads * hd
-    shapes = [(32, D // 2), (D // 2, D)]  # img_projector
-    shapes += [(D, D + 2 * kv), (D, D), (D, F), (D, F), (F, D)] * config.n_layer  # wqkv, wo, w1, w3, w2
+
+def bench_decode(args: argparse.Namespace, grid_codes, sample_seconds: float, device) -> None:
+    from tokenizer import MGVQ, MGVQConfig
+
+    tok_name, _, groups = args.tokenizer_preset.rpartition("-g")
+    tokenizer = MGVQ(MGVQConfig.preset(tok_name, int(groups))).to(device).eval()
+    tokenizer.decode_codes(grid_codes)  # warm-up
+    decode = _timed(lambda: tokenizer.decode_codes(grid_codes), device)
+    B = grid_codes.shape[0]
+    print(f"  + decode {tok_name} ({args.grid * tokenizer.config.downsample}px): {decode:.2f} s/batch, "
+          f"{B / (sample_seconds + decode):.3f} images/s with decoding")
+
+
+def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
+    """One trunk step at the middle of the sequence against its own matmuls alone: the same GEMMs (through the
+    same packed weights where the step uses them) on preallocated inputs, and attention over the t+1 cached
+    positions. Interleaved, the fastest of each: on a shared machine the minimum is what the code itself costs."""
+    import torch
+
+    from gpt.packed import Linear, linear
+
+    config = model.config
+    L, t = config.seq_len, config.seq_len // 2
+    rows = args.batch_size * (2 if args.cfg_scale != 1.0 else 1)  # the GPT runs both CFG halves
+    H, hd = config.n_head, config.head_dim
     mm_dtype = dtype or torch.float32
-    gemms = [(torch.randn(rows, k, device=device, dtype=mm_dtype), torch.randn(k, n, device=device, dtype=mm_dtype),
-              torch.empty(rows, n, device=device, dtype=mm_dtype)) for k, n in shapes]
-    # attention over the t+1 cached positions, reading each layer's own (rows, H, L, hd) cache as the model does
+    model.setup_cache(rows)  # attaches the packs (CPU, float32)
+    linears = [m for m in model.layers.modules() if isinstance(m, Linear)] + [model.img_projector[0],
+                                                                               model.img_projector[2]]
+    inputs = [torch.randn(rows, m.in_features, device=device, dtype=mm_dtype) for m in linears]
     caches = [(torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype),
                torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype)) for _ in range(config.n_layer)]
     q = torch.randn(rows, H, 1, hd, device=device, dtype=mm_dtype)
     scores = torch.empty(rows, H, 1, t + 1, device=device, dtype=mm_dtype)
     attended = torch.empty(rows, H, 1, hd, device=device, dtype=mm_dtype)
 
-    def weight_gemms() -> None:
-        for a, b, c in gemms:
-            torch.matmul(a, b, out=c)
+    def gemms(packed: bool) -> None:
+        for m, x in zip(linears, inputs):
+            linear(x, m.weight, None, m.packed if packed else None)
 
     def attention() -> None:
         for k_cache, v_cache in caches:
             torch.matmul(q, k_cache[:, :, :t + 1].transpose(-1, -2), out=scores)
             torch.matmul(scores, v_cache[:, :, :t + 1], out=attended)
 
-    # Interleaved and the fastest of each: on a shared machine the minimum is what the code itself costs.
-    # The step attends over the whole static cache (L positions, masked); the reference over the t+1 it needs.
-    model.setup_cache(rows)
-    pos = torch.tensor([t], device=device)
-    fns = {"eager step": lambda: model.decode_step(prev, t), "gemms": weight_gemms, "attention": attention}
+    prev = torch.randint(config.codebook_size, (rows, config.codebook_groups), device=device)
+    cuda = device.type == "cuda"
+    position = torch.tensor([t], device=device) if cuda else t  # CUDA graphs need a tensor position
+    fns = {"eager step": lambda: model.decode_step(prev, t), "gemms": lambda: gemms(True),
+           "unpacked gemms": lambda: gemms(False), "attention": attention}
     if args.compile:
-        compiled_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
-                                      mode="reduce-overhead" if device.type == "cuda" else None)
-        fns["compiled step"] = lambda: compiled_step(prev, pos)
+        compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=not cuda,
+                                 mode="reduce-overhead" if cuda else None)
+        fns["compiled step"] = lambda: compiled(prev, position)
     best = dict.fromkeys(fns, float("inf"))
-    with torch.no_grad(), autocast():
-        model.prefill(torch.randint(1000, (rows,), device=device))
-        for fn in fns.values():
-            fn()  # warm-up (and compile)
-        for _ in range(args.step_repeats):
-            for key, fn in fns.items():
-                best[key] = min(best[key], timed(fn, 1, warmup=False))
+    model.prefill(torch.randint(1000, (rows,), device=device))
+    for fn in fns.values():
+        fn()  # warm-up (and compile)
+    for _ in range(args.step_repeats):
+        for key, fn in fns.items():
+            best[key] = min(best[key], _timed(fn, device))
+    packed = dtype is None and any(m.packed is not None for m in linears)  # autocast skips the float32 packs
     model.clear_cache()
-    gemm_s, attn_s = best["gemms"], best["attention"]
-    alone = gemm_s + attn_s
-    flops = 2 * rows * sum(k * n for k, n in shapes)
-    print(f"{name}: trunk step at t={t}, {rows} rows: its matmuls alone {alone * 1e3:.2f} ms = weight GEMMs "
-          f"{gemm_s * 1e3:.2f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s) + attention over t+1 {attn_s * 1e3:.2f} ms")
-    for key in fns.keys() - {"gemms", "attention"}:
-        print(f"  {key} {best[key] * 1e3:.2f} ms: ratio {best[key] / alone:.2f}")
+    alone = best["gemms"] + best["attention"]
+    weight_bytes = sum(m.weight.numel() for m in linears) * torch.finfo(mm_dtype).bits // 8
+    print(f"{args.preset} {args.precision} {device}: trunk step at t={t}, {rows} rows: its matmuls alone "
+          f"{alone * 1e3:.2f} ms = weight GEMMs{' (MKL-packed)' if packed else ''} {best['gemms'] * 1e3:.2f} ms "
+          f"({weight_bytes / best['gemms'] / 1e9:.1f} GB/s of weights) + attention over t+1 "
+          f"{best['attention'] * 1e3:.2f} ms; the same GEMMs through F.linear {best['unpacked gemms'] * 1e3:.2f} ms")
+    for key in ("eager step", "compiled step"):
+        if key in best:
+            print(f"  {key} {best[key] * 1e3:.2f} ms: ratio {best[key] / alone:.2f}")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
