@@ -1,10 +1,12 @@
-"""CPU decoding at the memory-bandwidth limit: linear layers through MKL-packed copies of their weights.
+"""CPU decoding at the memory-bandwidth limit: linear layers through packed copies of their weights.
 
 A cached decoding step multiplies a few rows by every weight matrix, so its cost is the time to read the weights.
-At 8 rows on an x86 CPU, F.linear (x @ W^T) reads them at about 12 GB/s and MKL's packed GEMM at about 19 GB/s
-(`scripts/bench.py sample` prints both). `GPT.setup_cache` attaches packs (CPU, float32 weights, MKL present) and
-`clear_cache` detaches them, so training and autograd never meet them; a pack is remade when its weight has changed
-since it was made. Results equal F.linear's to float32 rounding (another summation order), not bit for bit.
+At 8 rows on an x86 CPU, F.linear (x @ W^T) reads float32 weights at about 12 GB/s and MKL's packed GEMM at about
+19 GB/s; under bfloat16 autocast, F.linear casts every weight at every call, and a oneDNN-packed bfloat16 copy
+halves what is read instead (`scripts/bench.py sample` prints the figures). `GPT.setup_cache` attaches packs (CPU
+weights in float32, MKL present; the bfloat16 kind when it runs under CPU bfloat16 autocast) and `clear_cache`
+detaches them, so training and autograd never meet them; a pack is remade when its weight has changed since.
+Results equal F.linear's to rounding (another summation order), not bit for bit.
 """
 from __future__ import annotations
 
@@ -32,10 +34,21 @@ def _(x, packed, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
            ) -> torch.Tensor:
-    """F.linear(x, weight, bias), through `packed` (MKL's layout of `weight`) in plain float32 inference."""
-    if packed is None or x.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+    """F.linear(x, weight, bias), through `packed` (a packed copy of `weight`) in inference where it applies."""
+    if packed is None or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    if packed.dtype == torch.bfloat16:  # oneDNN, eager only: a compiled graph does not take oneDNN's opaque tensors
+        if not _bf16_autocast() or torch.compiler.is_compiling():
+            return F.linear(x, weight, bias)
+        bias = None if bias is None else bias.to(torch.bfloat16)
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+    if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return _mkl_linear_op(x, packed, weight, bias)
@@ -43,19 +56,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
 
 
 class WeightPack:
-    """The packed copy of one weight matrix, kept while the weight is unchanged (same storage and version)."""
+    """The packed copy of one weight matrix, kept while the weight is unchanged (same storage and version) and
+    the kind fits: float32 for MKL, or bfloat16 for oneDNN when made under CPU bfloat16 autocast."""
 
     def __init__(self):
         self.key, self.packed = None, None
 
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The pack of `weight` (a 2-D float32 CPU tensor, or a row slice of one), or None where MKL can't pack."""
-        if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()):
+        """The pack of `weight` (a 2-D float32 CPU tensor, or a row slice of one), or None where none applies."""
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
             return None
-        key = (weight.data_ptr(), tuple(weight.shape), weight._version)
+        bf16 = _bf16_autocast()
+        if bf16 and not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return None
+        if not bf16 and not torch.backends.mkl.is_available():
+            return None
+        key = (weight.data_ptr(), tuple(weight.shape), weight._version, bf16)
         if key != self.key:
-            self.key = key
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), _PACK_ROWS)
+            self.key, self.packed = key, None  # free the old pack before making the new one
+            w = weight.detach().contiguous()
+            self.packed = (torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), _PACK_ROWS) if bf16 else
+                           torch.ops.mkl._mkl_reorder_linear_weight(w, _PACK_ROWS))
         return self.packed
 
     def clear(self) -> None:

@@ -278,12 +278,13 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     for _ in range(args.step_repeats):
         for key, fn in fns.items():
             best[key] = min(best[key], _timed(fn, device))
-    packed = dtype is None and any(m.packed is not None for m in linears)  # autocast skips the float32 packs
+    packed = next((m.packed for m in linears if m.packed is not None), None)
+    packed = '' if packed is None else f" (packed, {'bf16 oneDNN' if packed.dtype == torch.bfloat16 else 'fp32 MKL'})"
     model.clear_cache()
     alone = best["gemms"] + best["attention"]
     weight_bytes = sum(m.weight.numel() for m in linears) * torch.finfo(mm_dtype).bits // 8
     print(f"{args.preset} {args.precision} {device}: trunk step at t={t}, {rows} rows: its matmuls alone "
-          f"{alone * 1e3:.2f} ms = weight GEMMs{' (MKL-packed)' if packed else ''} {best['gemms'] * 1e3:.2f} ms "
+          f"{alone * 1e3:.2f} ms = weight GEMMs{packed} {best['gemms'] * 1e3:.2f} ms "
           f"({weight_bytes / best['gemms'] / 1e9:.1f} GB/s of weights) + attention over t+1 "
           f"{best['attention'] * 1e3:.2f} ms; the same GEMMs through F.linear {best['unpacked gemms'] * 1e3:.2f} ms")
     for key in ("eager step", "compiled step"):

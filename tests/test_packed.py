@@ -91,3 +91,24 @@ def test_generate_runs_on_packs_and_leaves_none_behind():
     assert "aten.mm" not in log.names and "aten.addmm" not in log.names  # every GEMM of the step is packed
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed is None for m in linears) and model.head.packed is None
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN on this CPU")
+def test_bf16_autocast_runs_on_a_bf16_pack():
+    torch.manual_seed(0)
+    layer = Linear(40, 48)
+    x = torch.randn(8, 40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.attach_pack(True)  # made under bfloat16 autocast: the oneDNN bfloat16 kind
+        assert layer.packed.dtype == torch.bfloat16
+        with OpLog() as log:
+            got = layer(x)
+        want = F.linear(x, layer.weight, layer.bias)  # autocast's own: bfloat16 weights cast at the call
+    assert "mkldnn._linear_pointwise" in log.names and got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2 * want.abs().max().item())
+    with torch.no_grad(), OpLog() as log:
+        plain = layer(x)  # float32 now: the bfloat16 pack must not serve it
+    assert "mkldnn._linear_pointwise" not in log.names
+    torch.testing.assert_close(plain, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    layer.attach_pack(True)  # outside autocast: a float32 pack replaces it
+    assert layer.packed.dtype == torch.float32
