@@ -238,6 +238,9 @@ def test_compiled_generate_draws_the_eager_codes_with_one_graph_per_phase(head):
     again = generate(model, labels, seeds=seeds + 1, compile=True, **COMPILE_SETTINGS)  # same batch and settings
     assert counters["stats"]["unique_graphs"] == 2
     assert torch.equal(again, generate(model, labels, seeds=seeds + 1, **COMPILE_SETTINGS))
+    smaller = generate(model, labels[:2], seeds=seeds[:2], compile=True, **COMPILE_SETTINGS)  # a last, partial batch
+    assert counters["stats"]["unique_graphs"] == 4  # its own two: the KV-cache buffers have the batch's shape
+    assert torch.equal(smaller, eager[:2])  # and a sample does not depend on its batch
     torch._dynamo.reset()
 
 
