@@ -224,11 +224,18 @@ def compiled_position_step(device_type: str):
     return _COMPILED[device_type]
 
 
-def _guided_until(L: int, guided: bool, cfg_interval: float) -> int:
-    """Positions [0, n) run both CFG halves; from n on only the conditional rows (guidance is off there)."""
-    if not guided:
-        return 0
-    return L if cfg_interval <= -1 else min(L, max(0, math.floor(cfg_interval + 1) + 1))
+def _scale_table(G: int, L: int, cfg_scale, cfg_interval: float, cfg_schedule: str) -> tuple[torch.Tensor, int]:
+    """The guidance scale per position and group (L, G) float32, and n: positions [0, n) run both CFG halves,
+    from n on only the conditional rows (guidance is off there)."""
+    group_scales = per_group(cfg_scale, G, "cfg_scale")
+    if any(scale < 1.0 for scale in group_scales):
+        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
+                         f"samplers, which apply guidance only above 1")
+    scales = torch.tensor([[cfg_scale_at(t, L, scale, cfg_interval, cfg_schedule) for scale in group_scales]
+                           for t in range(L)], dtype=torch.float32)
+    if all(scale == 1.0 for scale in group_scales):
+        return scales, 0
+    return scales, L if cfg_interval <= -1 else min(L, max(0, math.floor(cfg_interval + 1) + 1))
 
 
 @torch.no_grad()
@@ -276,14 +283,8 @@ def generate(
     if seeds.shape != (B,):
         raise ValueError(f"seeds has shape {tuple(seeds.shape)}, expected ({B},)")
     draws = uniforms(seed_keys(seeds.to(device)), torch.arange(L * G, device=device))  # (B, L*G), made at once
-    group_scales = per_group(cfg_scale, G, "cfg_scale")
-    if any(scale < 1.0 for scale in group_scales):
-        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
-                         f"samplers, which apply guidance only above 1")
-    scales = torch.tensor([[cfg_scale_at(t, L, scale, cfg_interval, cfg_schedule) for scale in group_scales]
-                           for t in range(L)], dtype=torch.float32)  # (L, G)
+    scales, guided_until = _scale_table(G, L, cfg_scale, cfg_interval, cfg_schedule)
     scale_rows, scales = scales.tolist(), scales.to(device)  # eager steps read floats (as float32 rounds them)
-    guided_until = _guided_until(L, any(scale != 1.0 for scale in group_scales), cfg_interval)
     if guided_until:  # rows [0, B) conditional, [B, 2B) the null class
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     step = compiled_position_step(device.type) if compile else position_step
