@@ -178,10 +178,9 @@ def position_step(model, inputs: torch.Tensor, t: int | torch.Tensor, draws: tor
 
     inputs: the labels (rows,) when `first` (the class position, prefill), else the codes (B, G) of position
     t-1. t: the image position, an int (attention reads only the cached positions; compiled on a CPU, the int is
-    symbolic) or a (1,) int64 tensor (every position has the same shapes, so
-    torch.compile captures one graph, one CUDA graph, for all of them).
-    draws (B, L*G) float64: every sample's uniforms, number t*G+g for sub-token g of position t; scales: the guidance scale per position and group, (L, G) float32
-    (a tensor when t is one, else its rows as lists of floats);
+    symbolic) or a (1,) int64 tensor (every position has the same shapes: one CUDA graph for all of them).
+    draws (B, L*G) float64: every sample's uniforms, number t*G+g for sub-token g of position t.
+    scales: the guidance scale per position and group, an (L, G) float32 tensor, or (eager) its rows as floats.
     temps, ks, ps: one value per group. `guided`: the model runs 2B rows, [B, 2B) the null class.
     Returns the codes (B, G) and a flag (B,) for samples that met a non-finite logit.
     """

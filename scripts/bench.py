@@ -200,7 +200,8 @@ def bench_sample(args: argparse.Namespace) -> None:
     seconds = {}
     if args.steps:
         for compiled in modes:  # warm-up: the compiled one compiles its graphs here, reported on its own
-            print(f"sample {name} {'compiled' if compiled else 'eager'}: warm-up {_timed(lambda: gen(compiled), device):.2f} s"
+            warm = _timed(lambda: gen(compiled), device)
+            print(f"sample {name} {'compiled' if compiled else 'eager'}: warm-up {warm:.2f} s"
                   + (" (compiling its graphs)" if compiled else ""))
         runs = {compiled: [] for compiled in modes}
         for _ in range(args.steps):  # interleaved, so a shared machine's load falls on both alike
@@ -209,8 +210,9 @@ def bench_sample(args: argparse.Namespace) -> None:
         for compiled, times in runs.items():
             seconds[compiled] = sum(times) / len(times)
             print(f"sample {name} {'compiled' if compiled else 'eager'}, {args.grid}x{args.grid} codes x G{G}: "
-                  f"{seconds[compiled]:.2f} s/batch (best {min(times):.2f}), {B * config.seq_len / seconds[compiled]:,.1f} "
-                  f"positions/s, {B / seconds[compiled]:.3f} images/s (codes only)")
+                  f"{seconds[compiled]:.2f} s/batch (best {min(times):.2f}), "
+                  f"{B * config.seq_len / seconds[compiled]:,.1f} positions/s, {B / seconds[compiled]:.3f} images/s "
+                  f"(codes only)")
         if args.tokenizer_preset:
             bench_decode(args, codes[False].view(B, args.grid, args.grid, G), min(seconds.values()), device)
     if args.step_repeats:

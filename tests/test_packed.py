@@ -112,3 +112,19 @@ def test_bf16_autocast_runs_on_a_bf16_pack():
     torch.testing.assert_close(plain, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
     layer.attach_pack(True)  # outside autocast: a float32 pack replaces it
     assert layer.packed.dtype == torch.float32
+
+
+def test_bench_sample_compares_the_step_with_its_packed_gemms():
+    """scripts/bench.py sample on a tiny model: it runs, and its step reference goes through the packed GEMMs."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    out = subprocess.run([sys.executable, str(bench), "sample", "--preset", "tiny", "--groups", "2",
+                          "--codes-per-group", "16", "--grid", "2", "--batch-size", "2", "--tokenizer-preset", "",
+                          "--steps", "1", "--step-repeats", "2", "--threads", "1", "--device", "cpu"],
+                         capture_output=True, text=True, check=True).stdout
+    assert re.search(r"eager, 2x2 codes x G2: [\d.]+ s/batch", out)
+    assert "weight GEMMs (packed, fp32 MKL)" in out and re.search(r"eager step [\d.]+ ms: ratio [\d.]+", out)
