@@ -82,6 +82,13 @@ class WeightPack:
     def clear(self) -> None:
         self.key, self.packed = None, None
 
+    # A pack is a cache (and MKL's and oneDNN's opaque tensors can't be copied): a copy starts empty.
+    def __deepcopy__(self, memo) -> WeightPack:
+        return WeightPack()
+
+    def __getstate__(self) -> dict:
+        return {"key": None, "packed": None}
+
 
 class Linear(nn.Linear):
     """nn.Linear that runs through a packed copy of its weight while one is attached (`attach_pack`)."""

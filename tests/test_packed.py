@@ -1,4 +1,7 @@
 """Packed linear weights for CPU decoding (gpt.packed): same results as F.linear, used only where they should be."""
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +94,11 @@ def test_generate_runs_on_packs_and_leaves_none_behind():
     assert "aten.mm" not in log.names and "aten.addmm" not in log.names  # every GEMM of the step is packed
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed is None for m in linears) and model.head.packed is None
+    twin = copy.deepcopy(model)  # the kept packs are opaque tensors: a copy (an EMA, say) starts without them
+    assert twin.layers[0].attention.wqkv._pack.packed is None
+    assert torch.equal(generate(twin, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1])),
+                       generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1])))
+    pickle.loads(pickle.dumps(model))
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN on this CPU")
