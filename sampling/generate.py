@@ -20,11 +20,14 @@ def _top_k_threshold(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
 
 
+def _cut(logits: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+    """Logits below each row's threshold (B, 1) become -inf; None keeps them all."""
+    return logits if threshold is None else logits.masked_fill(logits < threshold, float("-inf"))
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties with the k-th are kept); the rest become -inf. k=0: no-op."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    return logits.masked_fill(logits < _top_k_threshold(logits, k), float("-inf"))
+    return _cut(logits, filter_threshold(logits, top_k=k))
 
 
 def _nucleus_threshold(ranked: torch.Tensor, p: float) -> torch.Tensor:
@@ -40,10 +43,7 @@ def _nucleus_threshold(ranked: torch.Tensor, p: float) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p. p=1: no-op."""
-    if p >= 1.0:
-        return logits
-    threshold = _nucleus_threshold(logits.sort(dim=-1, descending=True).values, p)
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    return _cut(logits, filter_threshold(logits, top_p=p))
 
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -138,8 +138,7 @@ def filter_threshold(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k, then top-p; the filtered logits become -inf."""
     logits = logits / temperature
-    threshold = filter_threshold(logits, top_k, top_p)
-    return logits if threshold is None else logits.masked_fill(logits < threshold, float("-inf"))
+    return _cut(logits, filter_threshold(logits, top_k, top_p))
 
 
 def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
