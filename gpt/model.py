@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import GPTConfig
-from gpt.packed import Linear, WeightPack, linear
+from gpt.packed import Linear, WeightPack, linear, packed_linear, serves
 
 
 class RMSNorm(nn.Module):
@@ -103,6 +103,21 @@ class KVCache(nn.Module):
         return k_cache, v_cache, self.positions <= pos[:, None]
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one query row per head over every given key: q (B, H, 1, D), k and v (B, H_kv, n, D), H a
+    multiple of H_kv -> (B, H, 1, D). Two batched matmuls and a softmax, which inductor fuses into one loop over
+    the cached keys: in a step compiled for a CPU that beats SDPA's flash kernel (GPT-B, 8 rows, 129 keys: 12
+    layers in 6.8 against 7.7 ms), while eager calls are fewer through SDPA. The query heads sharing a key head
+    go in as rows of one matmul. The softmax's sum divides the output, not the weights (as flash attention
+    does): written as softmax-then-matmul, inductor's pattern matcher would turn it back into the flash kernel."""
+    B, H, _, D = q.shape
+    q = q.reshape(B, k.shape[1], H // k.shape[1], D)
+    scores = q @ k.transpose(-1, -2) * D ** -0.5  # (B, H_kv, H/H_kv, n)
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    out = (weights.type_as(v) @ v) / weights.sum(dim=-1, keepdim=True).type_as(v)
+    return out.reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with fused qkv, optional grouped-query heads, RoPE and per-head q/k RMSNorm."""
 
@@ -137,6 +152,8 @@ class Attention(nn.Module):
         mask = None
         if self.kv_cache is not None:
             k, v, mask = self.kv_cache.update(pos, k, v)  # (B, H_kv, n, D) x 2, (S, n) or None
+            if S == 1 and mask is None and x.device.type == "cpu" and torch.compiler.is_compiling():
+                return self.wo(one_query_attention(q, k, v).transpose(1, 2).reshape(B, S, -1))
         # Without a mask the S rows start at key position 0 (always in training), where causal = lower-triangular.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0,
@@ -145,17 +162,28 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). While decoding on a CPU, w1 and w3 run as one GEMM through a pack of both."""
 
     def __init__(self, dim: int, hidden: int, dropout_p: float = 0.0):
         super().__init__()
-        self.w1 = Linear(dim, hidden, bias=False)
-        self.w3 = Linear(dim, hidden, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = Linear(hidden, dim, bias=False)
         self.ffn_dropout = nn.Dropout(dropout_p)
+        self._pack, self.packed = WeightPack(), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        if serves(self.packed, x):
+            gate, up = packed_linear(x, self.packed, None).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.ffn_dropout(self.w2(F.silu(gate) * up))
+
+    def attach_pack(self, on: bool, keep: bool = True) -> None:
+        """The pack of w1 and w3 stacked (see gpt.packed.Linear.attach_pack)."""
+        self.packed = self._pack.get(self.w1.weight, self.w3.weight) if on else None
+        if not on and not keep:
+            self._pack.clear()
 
 
 def ada_lin(dim: int, n: int) -> nn.Sequential:

@@ -238,7 +238,9 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     positions. Interleaved, the fastest of each: on a shared machine the minimum is what the code itself costs."""
     import torch
 
-    from gpt.packed import Linear, linear
+    from gpt.model import FeedForward
+    from gpt.packed import Linear, packed_linear
+    from sampling.generate import compile_step
 
     config = model.config
     L, t = config.seq_len, config.seq_len // 2
@@ -246,9 +248,12 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     H, hd = config.n_head, config.head_dim
     mm_dtype = dtype or torch.float32
     model.setup_cache(rows)  # attaches the packs (CPU, float32)
-    linears = [m for m in model.layers.modules() if isinstance(m, Linear)] + [model.img_projector[0],
-                                                                               model.img_projector[2]]
-    inputs = [torch.randn(rows, m.in_features, device=device, dtype=mm_dtype) for m in linears]
+    # Each GEMM of the step: its module's weights and pack (a feed-forward's w1 and w3 share one pack)
+    modules = [m for m in model.layers.modules() if isinstance(m, (Linear, FeedForward))] + [
+        model.img_projector[0], model.img_projector[2]]
+    work = [(torch.randn(rows, m.weight.shape[1] if isinstance(m, Linear) else m.w1.in_features, device=device,
+                         dtype=mm_dtype),
+             [m.weight] if isinstance(m, Linear) else [m.w1.weight, m.w3.weight], m.packed) for m in modules]
     caches = [(torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype),
                torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype)) for _ in range(config.n_layer)]
     q = torch.randn(rows, H, 1, hd, device=device, dtype=mm_dtype)
@@ -256,8 +261,12 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     attended = torch.empty(rows, H, 1, hd, device=device, dtype=mm_dtype)
 
     def gemms(packed: bool) -> None:
-        for m, x in zip(linears, inputs):
-            linear(x, m.weight, None, m.packed if packed else None)
+        for x, weights, pack in work:
+            if packed and pack is not None:
+                packed_linear(x, pack, None)
+            else:
+                for weight in weights:
+                    torch.nn.functional.linear(x, weight)
 
     def attention() -> None:
         for k_cache, v_cache in caches:
@@ -270,8 +279,7 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     fns = {"eager step": lambda: model.decode_step(prev, t), "gemms": lambda: gemms(True),
            "unpacked gemms": lambda: gemms(False), "attention": attention}
     if args.compile:
-        compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=not cuda,
-                                 mode="reduce-overhead" if cuda else None)
+        compiled = compile_step(model.decode_step, device.type)  # as generate(compile=True) compiles its step
         fns["compiled step"] = lambda: compiled(prev, position)
     best = dict.fromkeys(fns, float("inf"))
     model.prefill(torch.randint(1000, (rows,), device=device))
@@ -280,11 +288,11 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     for _ in range(args.step_repeats):
         for key, fn in fns.items():
             best[key] = min(best[key], _timed(fn, device))
-    packed = next((m.packed for m in linears if m.packed is not None), None)
-    packed = '' if packed is None else f" (packed, {'bf16 oneDNN' if packed.dtype == torch.bfloat16 else 'fp32 MKL'})"
+    packed = next((pack for _, _, pack in work if pack is not None), None)
+    packed = '' if packed is None else f" (packed, {'bf16' if packed.dtype == torch.bfloat16 else 'fp32'} oneDNN)"
     model.clear_cache()
     alone = best["gemms"] + best["attention"]
-    weight_bytes = sum(m.weight.numel() for m in linears) * torch.finfo(mm_dtype).bits // 8
+    weight_bytes = sum(w.numel() for _, weights, _ in work for w in weights) * torch.finfo(mm_dtype).bits // 8
     print(f"{args.preset} {args.precision} {device}: trunk step at t={t}, {rows} rows: its matmuls alone "
           f"{alone * 1e3:.2f} ms = weight GEMMs{packed} {best['gemms'] * 1e3:.2f} ms "
           f"({weight_bytes / best['gemms'] / 1e9:.1f} GB/s of weights) + attention over t+1 "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, load_gpt
-from gpt.model import DropPath, rope_2d
+from gpt.model import DropPath, one_query_attention, rope_2d
 
 V = 16  # codes per group in the tiny models
 
@@ -216,6 +216,18 @@ def test_gqa_equals_attention_with_repeated_kv_heads():
     codes, labels = random_inputs(gqa.config)
     with torch.no_grad():
         torch.testing.assert_close(gqa(codes, labels), mha(codes, labels), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_one_query_attention_equals_sdpa(kv_heads):
+    """The compiled CPU step's attention (one query row over the cached keys) is SDPA's, GQA included."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 16), torch.randn(3, kv_heads, 9, 16), torch.randn(3, kv_heads, 9, 16)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != 6)
+    torch.testing.assert_close(one_query_attention(q, k, v), want, rtol=1e-5, atol=1e-5)
+    k[0, 0, 4] += 40.0  # one dominant key: the max-subtracted exponentials stay finite
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != 6)
+    torch.testing.assert_close(one_query_attention(q, k, v), want, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_table():

@@ -11,11 +11,11 @@ from gpt import GPT, GPTConfig
 from gpt.packed import Linear
 from sampling import generate
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL packs only on x86 CPU builds")
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packs need oneDNN")
 
 
 class OpLog(TorchDispatchMode):
-    """Records the name of every aten/mkl op that runs."""
+    """Records the name of every aten/mkldnn op that runs."""
 
     def __init__(self):
         super().__init__()
@@ -40,7 +40,7 @@ def test_packed_linear_equals_f_linear_for_any_row_count(shape):
     x = torch.randn(shape)
     with torch.no_grad(), OpLog() as log:
         got = layer(x)
-    assert "mkl._mkl_linear" in log.names  # the packed GEMM ran, not a fallback
+    assert "mkldnn._linear_pointwise" in log.names  # the packed GEMM ran, not a fallback
     want = F.linear(x.double(), layer.weight.double(), layer.bias.double())
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
@@ -59,10 +59,10 @@ def test_packs_are_skipped_under_autograd_and_autocast():
     with OpLog() as log:
         y = layer(x)  # grad enabled: the pack has no backward
     y.sum().backward()
-    assert layer.weight.grad is not None and "mkl._mkl_linear" not in log.names
+    assert layer.weight.grad is not None and "mkldnn._linear_pointwise" not in log.names
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OpLog() as log:
         assert layer(x).dtype == torch.bfloat16
-    assert "mkl._mkl_linear" not in log.names
+    assert "mkldnn._linear_pointwise" not in log.names  # a float32 pack never serves bfloat16 autocast
 
 
 def test_a_pack_follows_its_weight():
@@ -83,6 +83,30 @@ def test_a_pack_follows_its_weight():
     assert layer.packed is None and layer._pack.packed is None
 
 
+def test_feed_forward_runs_w1_and_w3_as_one_packed_gemm():
+    from gpt.model import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(40, 64).eval()
+    x = torch.randn(2, 3, 40)
+    with torch.no_grad():
+        want = ff(x)  # unpacked: w1, w3 and w2 through F.linear
+        ff.attach_pack(True)
+        ff.w2.attach_pack(True)
+        assert ff.packed.shape == (128, 40)  # w1 and w3 stacked
+        with OpLog() as log:
+            got = ff(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert log.names.count("mkldnn._linear_pointwise") == 2  # [w1; w3] and w2, nothing through F.linear
+        assert "aten.mm" not in log.names and "aten.addmm" not in log.names
+        kept = ff.packed
+        ff.w3.weight.mul_(0.5)  # either weight changing makes a new pack
+        ff.attach_pack(True)
+        assert ff.packed is not kept
+        unpacked = F.linear(F.silu(F.linear(x, ff.w1.weight)) * F.linear(x, ff.w3.weight), ff.w2.weight)
+        torch.testing.assert_close(ff(x), unpacked, rtol=1e-5, atol=1e-6)
+
+
 def test_generate_runs_on_packs_and_leaves_none_behind():
     torch.manual_seed(0)
     config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=2, num_classes=10,
@@ -90,7 +114,7 @@ def test_generate_runs_on_packs_and_leaves_none_behind():
     model = GPT(config, codebook=torch.randn(32, 4)).eval()
     with OpLog() as log:
         generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1]))
-    assert log.names.count("mkl._mkl_linear") > 0
+    assert log.names.count("mkldnn._linear_pointwise") > 0
     assert "aten.mm" not in log.names and "aten.addmm" not in log.names  # every GEMM of the step is packed
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed is None for m in linears) and model.head.packed is None
@@ -135,4 +159,4 @@ def test_bench_sample_compares_the_step_with_its_packed_gemms():
                           "--steps", "1", "--step-repeats", "2", "--threads", "1", "--device", "cpu"],
                          capture_output=True, text=True, check=True).stdout
     assert re.search(r"eager, 2x2 codes x G2: [\d.]+ s/batch", out)
-    assert "weight GEMMs (packed, fp32 MKL)" in out and re.search(r"eager step [\d.]+ ms: ratio [\d.]+", out)
+    assert "weight GEMMs (packed, fp32 oneDNN)" in out and re.search(r"eager step [\d.]+ ms: ratio [\d.]+", out)
