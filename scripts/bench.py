@@ -233,9 +233,10 @@ def bench_decode(args: argparse.Namespace, grid_codes, sample_seconds: float, de
 
 
 def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
-    """One trunk step at the middle of the sequence against its own matmuls alone: the same GEMMs (through the
-    same packed weights where the step uses them) on preallocated inputs, and attention over the t+1 cached
-    positions. Interleaved, the fastest of each: on a shared machine the minimum is what the code itself costs."""
+    """One trunk step at the middle of the sequence against its own matmuls alone: layer by layer, as the step
+    runs them, the GEMMs of its weights (through the same packs where the step uses them) and its attention's
+    two matmuls over the t+1 cached positions, on preallocated inputs; each also timed apart. Interleaved, the
+    fastest of each: on a shared machine the minimum is what the code itself costs."""
     import torch
 
     from gpt.model import FeedForward
@@ -248,19 +249,21 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     H, hd = config.n_head, config.head_dim
     mm_dtype = dtype or torch.float32
     model.setup_cache(rows)  # attaches the packs (CPU, float32)
-    # Each GEMM of the step: its module's weights and pack (a feed-forward's w1 and w3 share one pack)
-    modules = [m for m in model.layers.modules() if isinstance(m, (Linear, FeedForward))] + [
-        model.img_projector[0], model.img_projector[2]]
-    work = [(torch.randn(rows, m.weight.shape[1] if isinstance(m, Linear) else m.w1.in_features, device=device,
-                         dtype=mm_dtype),
-             [m.weight] if isinstance(m, Linear) else [m.w1.weight, m.w3.weight], m.packed) for m in modules]
+
+    def gemm_of(m) -> tuple:
+        """A GEMM of the step: an input, its module's weights and pack (a feed-forward's w1 and w3 share one)."""
+        weights = [m.weight] if isinstance(m, Linear) else [m.w1.weight, m.w3.weight]
+        return torch.randn(rows, weights[0].shape[1], device=device, dtype=mm_dtype), weights, m.packed
+
+    projector = [gemm_of(model.img_projector[0]), gemm_of(model.img_projector[2])]
+    layers = [[gemm_of(m) for m in layer.modules() if isinstance(m, (Linear, FeedForward))] for layer in model.layers]
     caches = [(torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype),
                torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype)) for _ in range(config.n_layer)]
     q = torch.randn(rows, H, 1, hd, device=device, dtype=mm_dtype)
     scores = torch.empty(rows, H, 1, t + 1, device=device, dtype=mm_dtype)
     attended = torch.empty(rows, H, 1, hd, device=device, dtype=mm_dtype)
 
-    def gemms(packed: bool) -> None:
+    def gemms(work: list, packed: bool = True) -> None:
         for x, weights, pack in work:
             if packed and pack is not None:
                 packed_linear(x, pack, None)
@@ -268,16 +271,24 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
                 for weight in weights:
                     torch.nn.functional.linear(x, weight)
 
-    def attention() -> None:
-        for k_cache, v_cache in caches:
-            torch.matmul(q, k_cache[:, :, :t + 1].transpose(-1, -2), out=scores)
-            torch.matmul(scores, v_cache[:, :, :t + 1], out=attended)
+    def attention(k_cache, v_cache) -> None:
+        torch.matmul(q, k_cache[:, :, :t + 1].transpose(-1, -2), out=scores)
+        torch.matmul(scores, v_cache[:, :, :t + 1], out=attended)
 
+    def matmuls() -> None:
+        gemms(projector)
+        for work, cache in zip(layers, caches):
+            gemms(work[:1])  # qkv, then attention over the cache, then the rest
+            attention(*cache)
+            gemms(work[1:])
+
+    all_gemms = projector + [g for work in layers for g in work]
     prev = torch.randint(config.codebook_size, (rows, config.codebook_groups), device=device)
     cuda = device.type == "cuda"
     position = torch.tensor([t], device=device) if cuda else t  # CUDA graphs need a tensor position
-    fns = {"eager step": lambda: model.decode_step(prev, t), "gemms": lambda: gemms(True),
-           "unpacked gemms": lambda: gemms(False), "attention": attention}
+    fns = {"eager step": lambda: model.decode_step(prev, t), "matmuls": matmuls, "gemms": lambda: gemms(all_gemms),
+           "unpacked gemms": lambda: gemms(all_gemms, packed=False),
+           "attention": lambda: [attention(*cache) for cache in caches]}
     if args.compile:
         compiled = compile_step(model.decode_step, device.type)  # as generate(compile=True) compiles its step
         fns["compiled step"] = lambda: compiled(prev, position)
@@ -288,18 +299,18 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     for _ in range(args.step_repeats):
         for key, fn in fns.items():
             best[key] = min(best[key], _timed(fn, device))
-    packed = next((pack for _, _, pack in work if pack is not None), None)
+    packed = next((pack for _, _, pack in all_gemms if pack is not None), None)
     packed = '' if packed is None else f" (packed, {'bf16' if packed.dtype == torch.bfloat16 else 'fp32'} oneDNN)"
     model.clear_cache()
-    alone = best["gemms"] + best["attention"]
-    weight_bytes = sum(w.numel() for _, weights, _ in work for w in weights) * torch.finfo(mm_dtype).bits // 8
+    weight_bytes = sum(w.numel() for _, weights, _ in all_gemms for w in weights) * torch.finfo(mm_dtype).bits // 8
+    ms = {key: f"{seconds * 1e3:.2f} ms" for key, seconds in best.items()}
     print(f"{args.preset} {args.precision} {device}: trunk step at t={t}, {rows} rows: its matmuls alone "
-          f"{alone * 1e3:.2f} ms = weight GEMMs{packed} {best['gemms'] * 1e3:.2f} ms "
-          f"({weight_bytes / best['gemms'] / 1e9:.1f} GB/s of weights) + attention over t+1 "
-          f"{best['attention'] * 1e3:.2f} ms; the same GEMMs through F.linear {best['unpacked gemms'] * 1e3:.2f} ms")
+          f"{ms['matmuls']}, layer by layer (apart: weight GEMMs{packed} {ms['gemms']}, "
+          f"{weight_bytes / best['gemms'] / 1e9:.1f} GB/s of weights; attention over t+1 {ms['attention']}); "
+          f"the same GEMMs through F.linear {ms['unpacked gemms']}")
     for key in ("eager step", "compiled step"):
         if key in best:
-            print(f"  {key} {best[key] * 1e3:.2f} ms: ratio {best[key] / alone:.2f}")
+            print(f"  {key} {ms[key]}: ratio {best[key] / best['matmuls']:.2f}")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
