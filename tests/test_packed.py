@@ -107,6 +107,31 @@ def test_feed_forward_runs_w1_and_w3_as_one_packed_gemm():
         torch.testing.assert_close(ff(x), unpacked, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_compiled_graphs_run_the_packed_gemm(bf16):
+    """Under torch.compile a pack runs as the op gpt::packed_linear (inductor takes no opaque oneDNN tensor in its
+    own lowering), with the eager result."""
+    if bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no bfloat16 oneDNN on this CPU")
+    layer = packed_linear()
+    x = torch.randn(8, 40)
+    targets = []
+
+    def recording_backend(gm, inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        layer.attach_pack(True)
+        assert layer.packed.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        eager = layer(x)
+        traced = torch.compile(layer, backend=recording_backend, fullgraph=True)(x)
+        inductor = torch.compile(layer, fullgraph=True, dynamic=True)(x)
+    assert "gpt.packed_linear" in targets
+    torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+    torch.testing.assert_close(inductor, eager, rtol=0, atol=0)
+
+
 def test_generate_runs_on_packs_and_leaves_none_behind():
     torch.manual_seed(0)
     config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=2, num_classes=10,
