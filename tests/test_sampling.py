@@ -6,7 +6,7 @@ import torch
 
 from gpt import GPT, GPTConfig
 from sampling.generate import (cfg_mix, cfg_scale_at, filter_logits, filter_threshold, generate, sample_from_logits,
-                               seed_keys, top_k_filter, top_p_filter, uniforms)
+                               seed_keys, top_k_filter, top_p_filter, unguarded, uniforms)
 
 INF = float("inf")
 
@@ -261,4 +261,51 @@ def test_compiled_graph_count_does_not_grow_with_the_sequence(monkeypatch):
                  **{**COMPILE_SETTINGS, "cfg_interval": 0})  # position 1 guided, 2.. not
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [2, 2]
+    torch._dynamo.reset()
+
+
+def test_unguarded_runs_the_graph_dynamo_picks_and_only_where_its_guards_pass():
+    def window_sum(x, n):
+        return x[:n + 1].sum() * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(window_sum, backend="eager", fullgraph=True, dynamic=True)
+    x = torch.arange(10.0)
+    assert compiled(x, 3) == 6 * 2
+    graph = unguarded(compiled, (x, 3), {}, also={"n": 8})  # the graph serves positions 3..8 (guards: n+1 <= 10)
+    assert graph is not None and graph(x, 5) == 15 * 2 and graph(x, 8) == 36 * 2
+    assert unguarded(compiled, (x, 3), {}, also={"n": 20}) is None  # a later value its guards refuse
+    assert unguarded(compiled, (x.double(), 3), {}) is None  # no graph compiled for float64
+    assert unguarded(window_sum, (x, 3), {}) is None  # not a compiled function
+
+    class Doubler(torch.nn.Module):
+        def step(self, x):
+            return x * 2
+
+    doubler = Doubler()
+    method = torch.compile(doubler.step, backend="eager", fullgraph=True, dynamic=True)
+    method(x)
+    assert torch.equal(unguarded(method, (x,), {})(x + 1), (x + 1) * 2)  # a bound method stays bound
+    torch._dynamo.reset()
+
+
+def test_compiled_generate_checks_guards_at_the_first_position_of_each_phase(monkeypatch):
+    """Later positions of a phase run its graph directly, with the eager codes (dynamo's capture, backend eager)."""
+    import importlib
+
+    gen = importlib.import_module("sampling.generate")
+    torch._dynamo.reset()
+    compiled = torch.compile(gen.position_step, backend="eager", fullgraph=True, dynamic=True)
+    guarded = []
+
+    def counted(*args, **kwargs):
+        guarded.append(args[2])  # the position
+        return compiled(*args, **kwargs)
+
+    counted._torchdynamo_orig_callable = compiled._torchdynamo_orig_callable
+    monkeypatch.setattr(gen, "_COMPILED", {"cpu": counted})
+    model, labels, seeds = small_gpt("ar"), torch.tensor([1, 4, 7]), torch.tensor([11, 12, 2**40])
+    codes = generate(model, labels, seeds=seeds, compile=True, **COMPILE_SETTINGS)
+    assert guarded == [1, 4]  # positions 1..3 guided, 4..8 not: 6 of the 8 compiled positions ran unguarded
+    assert torch.equal(codes, generate(model, labels, seeds=seeds, **COMPILE_SETTINGS))
     torch._dynamo.reset()
