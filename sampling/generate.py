@@ -252,8 +252,11 @@ def unguarded(compiled, args: tuple, kwargs: dict, also: dict | None = None) -> 
     lead = () if bound is None else (bound,)
     names = inspect.signature(func).bind(*lead, *args, **kwargs).arguments
     for entry in entries(func.__code__):
-        if entry.guard_manager.check(dict(names)):
-            if not (also is None or entry.guard_manager.check({**names, **also})):
+        guards = getattr(entry, "guard_manager", None)
+        if guards is None:
+            return None
+        if guards.check(dict(names)):
+            if not (also is None or guards.check({**names, **also})):
                 return None
             graph = types.FunctionType(entry.code, func.__globals__, func.__name__)
             return graph if bound is None else types.MethodType(graph, bound)
