@@ -242,7 +242,8 @@ def unguarded(compiled, args: tuple, kwargs: dict, also: dict | None = None) -> 
     entry whose guards pass for these arguments), and it is returned only where its guards also pass with the
     arguments of `also` replaced (values the loop will pass later, such as its last position: the guards on a
     position are range checks, so passing at both ends covers every position between). None also where this
-    torch does not expose its cache (`torch._dynamo.eval_frame._debug_get_cache_entry_list`)."""
+    torch does not expose its cache and guards (`torch._dynamo.eval_frame._debug_get_cache_entry_list`, an
+    entry's `guard_manager.check`)."""
     fn = getattr(compiled, "_torchdynamo_orig_callable", None)
     entries = getattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list", None)
     if fn is None or entries is None:
@@ -252,11 +253,11 @@ def unguarded(compiled, args: tuple, kwargs: dict, also: dict | None = None) -> 
     lead = () if bound is None else (bound,)
     names = inspect.signature(func).bind(*lead, *args, **kwargs).arguments
     for entry in entries(func.__code__):
-        guards = getattr(entry, "guard_manager", None)
-        if guards is None:
+        check = getattr(getattr(entry, "guard_manager", None), "check", None)
+        if check is None:
             return None
-        if guards.check(dict(names)):
-            if not (also is None or guards.check({**names, **also})):
+        if check(dict(names)):
+            if not (also is None or check({**names, **also})):
                 return None
             graph = types.FunctionType(entry.code, func.__globals__, func.__name__)
             return graph if bound is None else types.MethodType(graph, bound)

@@ -264,7 +264,7 @@ def test_compiled_graph_count_does_not_grow_with_the_sequence(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_unguarded_runs_the_graph_dynamo_picks_and_only_where_its_guards_pass():
+def test_unguarded_runs_the_graph_dynamo_picks_and_only_where_its_guards_pass(monkeypatch):
     def window_sum(x, n):
         return x[:n + 1].sum() * 2
 
@@ -286,6 +286,8 @@ def test_unguarded_runs_the_graph_dynamo_picks_and_only_where_its_guards_pass():
     method = torch.compile(doubler.step, backend="eager", fullgraph=True, dynamic=True)
     method(x)
     assert torch.equal(unguarded(method, (x,), {})(x + 1), (x + 1) * 2)  # a bound method stays bound
+    monkeypatch.delattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list")  # a torch without it
+    assert unguarded(compiled, (x, 3), {}) is None
     torch._dynamo.reset()
 
 
