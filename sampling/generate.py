@@ -324,19 +324,31 @@ def generate(
         raise ValueError(f"seeds has shape {tuple(seeds.shape)}, expected ({B},)")
     draws = uniforms(seed_keys(seeds.to(device)), torch.arange(L * G, device=device))  # (B, L*G), made at once
     scales, guided_until = _scale_table(G, L, cfg_scale, cfg_interval, cfg_schedule)
-    scale_rows, scales = scales.tolist(), scales.to(device)  # eager steps read floats (as float32 rounds them)
     if guided_until:  # rows [0, B) conditional, [B, 2B) the null class
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
-    step = compiled_position_step(device.type) if compile else position_step
-    policy = (tuple(temps), tuple(ks), tuple(ps))
+    codes, bad = _decode(model, labels, draws, scales, guided_until, (tuple(temps), tuple(ks), tuple(ps)), compile)
+    if bad.any():
+        raise FloatingPointError(f"non-finite (NaN or inf) logits while sampling rows {bad.nonzero().flatten().tolist()}"
+                                 f" of the batch: check the model's weights and the autocast precision")
+    return codes
 
+
+def _decode(model, labels: torch.Tensor, draws: torch.Tensor, scales: torch.Tensor, guided_until: int,
+            policy: tuple, compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate`'s cached loop over the L positions: codes (B, L, G) and a flag (B,) for the samples that met a
+    non-finite logit. labels: the rows' classes (2B with guidance); scales (L, G) float32; positions
+    [0, guided_until) run both CFG halves; policy: per-group temperatures, top-ks and top-ps."""
+    B, L, G = draws.shape[0], model.config.seq_len, len(policy[0])
+    device = draws.device
+    step = compiled_position_step(device.type) if compile else position_step
+    scale_rows, scales = scales.tolist(), scales.to(device)  # eager steps read floats (as float32 rounds them)
     codes = torch.empty(B, L, G, dtype=torch.int64, device=device)
     bad = torch.zeros(B, dtype=torch.bool, device=device)
     pos = torch.zeros(1, dtype=torch.int64, device=device)
-    model.setup_cache(labels.shape[0])
     # On a CPU a guidance phase's later positions run its graph without guard checks (see `unguarded`): within
     # this loop only the position and the input codes change between them.
     phase_graphs: dict[bool, Callable] = {}
+    model.setup_cache(labels.shape[0])
     try:
         for t in range(L):
             guided = t < guided_until
@@ -360,7 +372,4 @@ def generate(
             bad |= nonfinite
     finally:
         model.clear_cache()
-    if bad.any():
-        raise FloatingPointError(f"non-finite (NaN or inf) logits while sampling rows {bad.nonzero().flatten().tolist()}"
-                                 f" of the batch: check the model's weights and the autocast precision")
-    return codes
+    return codes, bad

@@ -232,37 +232,31 @@ def bench_decode(args: argparse.Namespace, grid_codes, sample_seconds: float, de
           f"{B / (sample_seconds + decode):.3f} images/s with decoding")
 
 
-def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
-    """One trunk step at the middle of the sequence against its own matmuls alone: layer by layer, as the step
-    runs them, the GEMMs of its weights (through the same packs where the step uses them) and its attention's
-    two matmuls over the t+1 cached positions, on preallocated inputs; each also timed apart. Interleaved, each
-    timed right after an untimed call of its own (as a step follows a step), the fastest of each: on a shared
-    machine the minimum is what the code itself costs."""
+def _step_matmuls(model, rows: int, t: int, device, dtype) -> tuple[dict, list]:
+    """The matmuls of a trunk step at position t alone, on preallocated inputs: {"matmuls": layer by layer, as the
+    step runs them, the GEMMs of its weights (through the same packs where the step uses them) and its
+    attention's two matmuls over the t+1 cached positions; "gemms", "unpacked gemms" (through F.linear) and
+    "attention": each kind apart}, and the GEMMs as (input, weights, pack)."""
     import torch
 
     from gpt.model import FeedForward
     from gpt.packed import Linear, packed_linear
-    from sampling.generate import compile_step, unguarded
 
     config = model.config
-    L, t = config.seq_len, config.seq_len // 2
-    rows = args.batch_size * (2 if args.cfg_scale != 1.0 else 1)  # the GPT runs both CFG halves
     H, hd = config.n_head, config.head_dim
-    mm_dtype = dtype or torch.float32
-    model.setup_cache(rows)  # attaches the packs (CPU, float32)
 
     def gemm_of(m) -> tuple:
         """A GEMM of the step: an input, its module's weights and pack (a feed-forward's w1 and w3 share one)."""
         weights = [m.weight] if isinstance(m, Linear) else [m.w1.weight, m.w3.weight]
-        return torch.randn(rows, weights[0].shape[1], device=device, dtype=mm_dtype), weights, m.packed
+        return torch.randn(rows, weights[0].shape[1], device=device, dtype=dtype), weights, m.packed
 
     projector = [gemm_of(model.img_projector[0]), gemm_of(model.img_projector[2])]
     layers = [[gemm_of(m) for m in layer.modules() if isinstance(m, (Linear, FeedForward))] for layer in model.layers]
-    caches = [(torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype),
-               torch.randn(rows, H, L, hd, device=device, dtype=mm_dtype)) for _ in range(config.n_layer)]
-    q = torch.randn(rows, H, 1, hd, device=device, dtype=mm_dtype)
-    scores = torch.empty(rows, H, 1, t + 1, device=device, dtype=mm_dtype)
-    attended = torch.empty(rows, H, 1, hd, device=device, dtype=mm_dtype)
+    caches = [(torch.randn(rows, H, config.seq_len, hd, device=device, dtype=dtype),
+               torch.randn(rows, H, config.seq_len, hd, device=device, dtype=dtype)) for _ in range(config.n_layer)]
+    q = torch.randn(rows, H, 1, hd, device=device, dtype=dtype)
+    scores = torch.empty(rows, H, 1, t + 1, device=device, dtype=dtype)
+    attended = torch.empty(rows, H, 1, hd, device=device, dtype=dtype)
 
     def gemms(work: list, packed: bool = True) -> None:
         for x, weights, pack in work:
@@ -284,12 +278,28 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
             gemms(work[1:])
 
     all_gemms = projector + [g for work in layers for g in work]
+    return {"matmuls": matmuls, "gemms": lambda: gemms(all_gemms), "unpacked gemms": lambda: gemms(all_gemms, False),
+            "attention": lambda: [attention(*cache) for cache in caches]}, all_gemms
+
+
+def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
+    """One trunk step at the middle of the sequence against its own matmuls alone (`_step_matmuls`). Interleaved,
+    each timed right after an untimed call of its own (as a step follows a step), the fastest of each: on a
+    shared machine the minimum is what the code itself costs."""
+    import torch
+
+    from sampling.generate import compile_step, unguarded
+
+    config = model.config
+    t = config.seq_len // 2
+    rows = args.batch_size * (2 if args.cfg_scale != 1.0 else 1)  # the GPT runs both CFG halves
+    mm_dtype = dtype or torch.float32
+    model.setup_cache(rows)  # attaches the packs (CPU, float32)
+    reference, all_gemms = _step_matmuls(model, rows, t, device, mm_dtype)
     prev = torch.randint(config.codebook_size, (rows, config.codebook_groups), device=device)
     cuda = device.type == "cuda"
     position = torch.tensor([t], device=device) if cuda else t  # CUDA graphs need a tensor position
-    fns = {"eager step": lambda: model.decode_step(prev, t), "matmuls": matmuls, "gemms": lambda: gemms(all_gemms),
-           "unpacked gemms": lambda: gemms(all_gemms, packed=False),
-           "attention": lambda: [attention(*cache) for cache in caches]}
+    fns = {"eager step": lambda: model.decode_step(prev, t), **reference}
     if args.compile:
         compiled = compile_step(model.decode_step, device.type)  # as generate(compile=True) compiles its step
         fns["compiled step"] = fns["compiled step, guards checked"] = lambda: compiled(prev, position)
