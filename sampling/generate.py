@@ -365,7 +365,7 @@ def _decode(model, labels: torch.Tensor, draws: torch.Tensor, scales: torch.Tens
             inputs = labels if t == 0 else codes[:, t - 1].clone()
             args, kwargs = (model, inputs, where, draws, table, *policy), {"guided": guided, "first": t == 0}
             out, nonfinite = fn(*args, **kwargs)
-            if fn is step and device.type == "cpu" and guided not in phase_graphs:
+            if compile and fn is step and device.type == "cpu" and guided not in phase_graphs:
                 last = (guided_until if guided else L) - 1
                 phase_graphs[guided] = unguarded(step, args, kwargs, also={"t": last}) or step
             codes[:, t] = out
