@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from tokenizer import loading, magvit2
+from tokenizer import loading, magvit2, mergevq
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
 from tokenizer.vqgan import PRESETS as VQGAN_PRESETS
@@ -50,6 +50,7 @@ FAMILIES: dict[str, Family] = {
     "open_magvit2": Family("open_magvit2", magvit2.Magvit2Config, magvit2.OpenMagvit2, magvit2.read_weights),
     "llamagen_vq": Family("llamagen_vq", VQGANConfig, VQGAN, read_llamagen, _quantizer_is("cosine", "llamagen_vq")),
     "ibq": Family("ibq", VQGANConfig, VQGAN, read_ibq, _quantizer_is("dot", "ibq")),
+    "mergevq": Family("mergevq", mergevq.MergeVQConfig, mergevq.MergeVQ, mergevq.read_weights),
 }
 
 
@@ -75,6 +76,7 @@ def named_refs() -> dict:
     from tokenizer.config import TokenizerRef
 
     archs = {**MGVQConfig.named_presets(), **magvit2.Magvit2Config.named_presets(),
+             **mergevq.MergeVQConfig.named_presets(),
              **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
     return {name: TokenizerRef(config=arch, family=family_of(arch)) for name, arch in archs.items()}
 

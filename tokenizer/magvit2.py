@@ -219,6 +219,29 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
+def _bit_tables(factorized_bits: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Z,) group of each latent channel, and its weight 2**(channel - the group's first channel)."""
+    group = torch.cat([torch.full((b,), g, device=device) for g, b in enumerate(factorized_bits)])
+    weight = torch.cat([2 ** torch.arange(b, device=device) for b in factorized_bits])
+    return group, weight
+
+
+def lfq_quantize(latent: torch.Tensor, factorized_bits: list[int]) -> torch.Tensor:
+    """Lookup-free quantization of a channels-last latent (..., Z) -> codes (..., G) int64: bit = latent > 0,
+    sub-token g = sum of its channels' bits * 2**(place in the group), the first channel least significant."""
+    group, weight = _bit_tables(factorized_bits, latent.device)
+    bits = (latent > 0).long()
+    codes = bits.new_zeros(*bits.shape[:-1], len(factorized_bits))
+    return codes.index_add_(-1, group, bits * weight)
+
+
+def lfq_dequantize(codes: torch.Tensor, factorized_bits: list[int], groups_to_use: int | None = None) -> torch.Tensor:
+    """Codes (..., G) -> channels-last latent (..., Z) of +-1 in float32; channels of groups >= groups_to_use are 0."""
+    group, weight = _bit_tables(factorized_bits, codes.device)
+    quant = ((codes[..., group] // weight) % 2).float() * 2 - 1
+    return quant if groups_to_use is None else quant * (group < groups_to_use)
+
+
 class OpenMagvit2(nn.Module):
     """Open-MAGVIT2 tokenizer. Images are float (B, 3, H, W) in [-1, 1]; codes are (B, h, w, G) sub-token indices,
     sub-token g taking values in [0, 2**factorized_bits[g])."""
@@ -242,30 +265,16 @@ class OpenMagvit2(nn.Module):
         """Quantized latent (B, Z, h, w) of +-1 (or 0 for dropped groups) -> images, unclamped."""
         return self.decoder(quant)
 
-    def bit_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z,) group of each latent channel, and its weight 2**(channel - the group's first channel)."""
-        bits = self.config.factorized_bits
-        group = torch.cat([torch.full((b,), g, device=device) for g, b in enumerate(bits)])
-        weight = torch.cat([2 ** torch.arange(b, device=device) for b in bits])
-        return group, weight
-
     def quantize(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent (B, Z, h, w) -> codes (B, h, w, G): bit = latent > 0, index = sum of bit * 2**(place in group)."""
-        group, weight = self.bit_tables(latent.device)
-        bits = (latent > 0).long().permute(0, 2, 3, 1)  # (B, h, w, Z)
-        codes = bits.new_zeros(*bits.shape[:-1], self.config.codebook_groups)
-        return codes.index_add_(-1, group, bits * weight)
+        """Latent (B, Z, h, w) -> codes (B, h, w, G) (lfq_quantize)."""
+        return lfq_quantize(latent.permute(0, 2, 3, 1), self.config.factorized_bits)
 
     def dequantize(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
         """Codes (B, h, w, G) -> latent (B, Z, h, w) of +-1; channels of groups >= groups_to_use are 0."""
         G = self.config.codebook_groups
         if codes.ndim != 4 or codes.shape[-1] != G:
             raise ValueError(f"codes must be (B, h, w, {G}), got {tuple(codes.shape)}")
-        group, weight = self.bit_tables(codes.device)
-        bits = (codes[..., group] // weight) % 2  # (B, h, w, Z)
-        quant = bits.float() * 2 - 1
-        if groups_to_use is not None:
-            quant = quant * (group < groups_to_use)
+        quant = lfq_dequantize(codes, self.config.factorized_bits, groups_to_use)
         return quant.permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
