@@ -8,7 +8,8 @@ from conftest import randomised
 from tokenizer import save_tokenizer
 from tokenizer.families import family_of, load_tokenizer, named_refs
 from tokenizer.magvit2 import lfq_quantize
-from tokenizer.mergevq import MergeVQ, MergeVQConfig, unmerge
+from tokenizer.merged import unmerge
+from tokenizer.mergevq import MergeVQ, MergeVQConfig
 from tokenizer.mergevq.tome import merge_schedule, tokens_left
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mergevq" / "tokenizer.pt"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tokenizer.common.settings import known_fields, preset_fields
 from tokenizer.magvit2 import (NORM_GROUPS, AdaptiveGroupNorm, Level, ResBlock, Upsampler, group_norm, lfq_dequantize,
                                lfq_quantize)
+from tokenizer.merged import check_token_map, unmerge
 from tokenizer.mergevq.tome import Merge, merge_schedule, tokens_left
 from tokenizer.model import IMAGE_CHANNELS, check_images
 
@@ -292,13 +293,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-def unmerge(merged: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
-    """Merged values (B, K, C) + token map (B, h, w) -> grid values (B, h, w, C): the official `token_unmerge`."""
-    B, h, w = token_map.shape
-    index = token_map.reshape(B, h * w, 1).expand(-1, -1, merged.shape[-1]).to(merged.device)
-    return merged.gather(1, index).view(B, h, w, -1)
-
-
 class MergeVQ(nn.Module):
     """MergeVQ tokenizer. Images are float (B, 3, H, W) in [-1, 1]; grid codes (B, h, w, G) of sub-tokens with
     2**factorized_bits[g] values; merged codes (B, K, G) with a token map (B, h, w)."""
@@ -363,10 +357,7 @@ class MergeVQ(nn.Module):
     def decode_merged(self, codes: torch.Tensor, token_map: torch.Tensor,
                       groups_to_use: int | None = None) -> torch.Tensor:
         """Merged codes (B, K, G) + token map (B, h, w) -> images: each code decodes at every position it covers."""
-        K = codes.shape[1]
-        if token_map.ndim != 3 or token_map.shape[0] != codes.shape[0] or not (0 <= token_map.min() <= token_map.max() < K):
-            raise ValueError(f"token map {tuple(token_map.shape)} must be (B, h, w) with values in [0, {K}) for "
-                             f"merged codes {tuple(codes.shape)}")
+        check_token_map(token_map, codes)
         return self.decode_codes(unmerge(codes, token_map), groups_to_use)
 
     def codebook(self) -> None:
