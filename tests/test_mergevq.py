@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomised
+from test_configs import tokenizer_ref
 
-from tokenizer import save_tokenizer
+from tokenizer import TokenizerRef, save_tokenizer
 from tokenizer.families import family_of, load_tokenizer, named_refs
 from tokenizer.magvit2 import lfq_quantize
 from tokenizer.merged import unmerge
@@ -160,3 +161,9 @@ def test_merged_and_grid_codes_agree():
     assert torch.equal(model.encode_codes(x[1:2]), grid[1:2])
     with pytest.raises(ValueError, match=r"values in \[0, 36\)"):
         model.decode_merged(codes, token_map + 1)
+
+
+def test_hydra_preset_with_merge_num(repo, hydra_presets):
+    ref = tokenizer_ref(repo, ["tokenizer=mergevq-gr-d64", "tokenizer.config.merge_num=192"])
+    want = MergeVQConfig.preset("mergevq-gr-d64", merge_num=192)
+    assert ref == TokenizerRef(config=want, checkpoint="w.pt", family="mergevq") and want.merged_tokens((16, 16)) == 64

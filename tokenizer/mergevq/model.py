@@ -11,16 +11,14 @@ Lightning checkpoints load strictly (tokenizer.mergevq.official). Codes come in 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.common.settings import known_fields, preset_fields
-from tokenizer.magvit2 import (NORM_GROUPS, AdaptiveGroupNorm, Level, ResBlock, Upsampler, group_norm, lfq_dequantize,
-                               lfq_quantize)
+from tokenizer.magvit2 import LFQTokenizer, Magvit2Config, down_levels, group_norm, lfq_quantize, up_levels
 from tokenizer.merged import check_token_map, unmerge
 from tokenizer.mergevq.tome import Merge, merge_schedule, tokens_left
 from tokenizer.model import IMAGE_CHANNELS, check_images
@@ -41,33 +39,26 @@ PRESETS = {
 
 
 @dataclass
-class MergeVQConfig:
-    """Architecture of a MergeVQ tokenizer (the official ddconfig names). merge_num: tokens the encoder merges away
-    (K = grid tokens - merge_num); the decoder's levels above the finest have num_res_extra more res blocks."""
+class MergeVQConfig(Magvit2Config):
+    """Architecture of a MergeVQ tokenizer (the official ddconfig names): Open-MAGVIT2's CNN widths and LFQ codes
+    plus the transformers. merge_num: tokens the encoder merges away (K = grid tokens - merge_num); the decoder's
+    levels above the finest have num_res_extra more res blocks."""
 
+    PRESETS: ClassVar[dict] = PRESETS
+    NAME: ClassVar[str] = "MergeVQ"
     ch: int = 64
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 4, 8])
-    num_res_blocks: int = 4
     num_res_extra: int = 1
     num_att_blocks: int = 12
     num_heads: int = 8
-    z_channels: int = 18
     merge_num: int = 112
     dist_head: str | None = "layer3"
     num_classes: int = 768  # outputs of the distillation head (the teacher's width)
-    factorized_bits: list[int] = field(default_factory=lambda: [6, 12])
 
     def __post_init__(self):
-        self.ch_mult, self.factorized_bits = list(self.ch_mult), list(self.factorized_bits)
-        widths = [self.ch * m for m in self.ch_mult]
-        if not self.ch_mult or any(w % NORM_GROUPS for w in widths):
-            raise ValueError(f"ch={self.ch} x ch_mult={self.ch_mult} gives widths {widths}: each must be a positive "
-                             f"multiple of {NORM_GROUPS} (group norm)")
+        super().__post_init__()
         if self.embed_dim % self.num_heads:
             raise ValueError(f"transformer width {self.embed_dim} is not divisible by num_heads={self.num_heads}")
-        if sum(self.factorized_bits) != self.z_channels or min(self.factorized_bits) < 1:
-            raise ValueError(f"factorized_bits={self.factorized_bits} must be positive and sum to "
-                             f"z_channels={self.z_channels}")
         if self.dist_head not in DIST_HEADS:
             raise ValueError(f"dist_head={self.dist_head!r}: expected one of {DIST_HEADS}")
         merge_schedule(self.num_att_blocks, self.merge_num)  # refuses a schedule that cannot exist
@@ -76,40 +67,9 @@ class MergeVQConfig:
     def embed_dim(self) -> int:
         return self.ch * self.ch_mult[-1]
 
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.z_channels
-
-    @property
-    def codebook_groups(self) -> int:
-        return len(self.factorized_bits)
-
-    @property
-    def codes_per_group(self) -> list[int]:
-        return [2**b for b in self.factorized_bits]
-
     def merged_tokens(self, grid: tuple[int, int]) -> int:
         """K, the merged tokens of an (h, w) grid; a ValueError where the schedule cannot merge that many."""
         return tokens_left(grid[0] * grid[1], merge_schedule(self.num_att_blocks, self.merge_num))
-
-    @classmethod
-    def preset(cls, name: str, **fields) -> MergeVQConfig:
-        return cls(**{**preset_fields(PRESETS, name, "MergeVQ"), **fields})
-
-    @classmethod
-    def named_presets(cls) -> dict[str, MergeVQConfig]:
-        return {name: cls.preset(name) for name in PRESETS}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MergeVQConfig:
-        return cls(**known_fields(cls, d))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Attention(nn.Module):
@@ -124,7 +84,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
-        mask = None if key_bias is None else key_bias[:, None, None, :]  # (B, 1, 1, N)
+        mask = None if key_bias is None else key_bias.to(q.dtype)[:, None, None, :]  # (B, 1, 1, N); autocast: q's dtype
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), k.mean(1)
 
@@ -232,18 +192,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: MergeVQConfig):
         super().__init__()
         self.config = cfg
-        widths = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(IMAGE_CHANNELS, cfg.ch, 3, padding=1, bias=False)
-        self.down = nn.ModuleList()
-        c = cfg.ch
-        for i, w in enumerate(widths):
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, w))
-                c = w
-            last = i == len(widths) - 1
-            self.down.append(Level(blocks, None if last else "downsample",
-                                   None if last else nn.Conv2d(w, w, 3, stride=2, padding=1)))
+        self.down, c = down_levels(cfg)
         self.attn = MergingViT(c, cfg.num_att_blocks, cfg.num_heads)
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 1)
@@ -270,19 +220,11 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: MergeVQConfig):
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        c = widths[-1]
+        c = cfg.embed_dim
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.attn = ConvViT(c, cfg.num_att_blocks, cfg.num_heads)
-        up, adaptive = [], []
-        for i in reversed(range(len(widths))):
-            adaptive.insert(0, AdaptiveGroupNorm(cfg.z_channels, c))
-            blocks = []
-            for _ in range(cfg.num_res_blocks + (cfg.num_res_extra if i > 0 else 0)):
-                blocks.append(ResBlock(c, widths[i]))
-                c = widths[i]
-            up.insert(0, Level(blocks, "upsample" if i > 0 else None, Upsampler(c) if i > 0 else None))
-        self.up, self.adaptive = nn.ModuleList(up), nn.ModuleList(adaptive)
+        extra = [0] + [cfg.num_res_extra] * (len(cfg.ch_mult) - 1)  # the finest level has no extra block
+        self.up, self.adaptive, c = up_levels(cfg, [cfg.num_res_blocks + e for e in extra])
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, IMAGE_CHANNELS, 3, padding=1)
 
@@ -293,19 +235,13 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-class MergeVQ(nn.Module):
+class MergeVQ(LFQTokenizer):
     """MergeVQ tokenizer. Images are float (B, 3, H, W) in [-1, 1]; grid codes (B, h, w, G) of sub-tokens with
-    2**factorized_bits[g] values; merged codes (B, K, G) with a token map (B, h, w)."""
+    2**factorized_bits[g] values (decode_codes, dequantize: tokenizer.magvit2.LFQTokenizer); merged codes (B, K, G)
+    with a token map (B, h, w)."""
 
     def __init__(self, config: MergeVQConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
+        super().__init__(config, Encoder(config), Decoder(config))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (pre-quantization latent of the merged tokens (B, K, Z), token map (B, h, w))."""
@@ -319,17 +255,6 @@ class MergeVQ(nn.Module):
             raise ValueError("this MergeVQ config has dist_head=None: no distillation head")
         check_images(x, self.downsample)
         return self.encoder.dist_head(self.encoder(x)[1])
-
-    def dequantize(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
-        """Grid codes (B, h, w, G) -> latent (B, Z, h, w) of +-1; channels of groups >= groups_to_use are 0."""
-        G = self.config.codebook_groups
-        if codes.ndim != 4 or codes.shape[-1] != G:
-            raise ValueError(f"codes must be (B, h, w, {G}), got {tuple(codes.shape)}")
-        return lfq_dequantize(codes, self.config.factorized_bits, groups_to_use).permute(0, 3, 1, 2).contiguous()
-
-    def decode(self, quant: torch.Tensor) -> torch.Tensor:
-        """Quantized grid latent (B, Z, h, w) -> images, unclamped."""
-        return self.decoder(quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the codes (no straight-through estimator)."""
@@ -347,19 +272,8 @@ class MergeVQ(nn.Module):
         return unmerge(*self.encode_merged(x))
 
     @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
-        """Grid codes (B, h, w, G) -> images (B, 3, h*f, w*f), unclamped. Groups >= groups_to_use contribute zeros."""
-        weight = self.decoder.conv_in.weight
-        quant = self.dequantize(codes.to(weight.device), groups_to_use)
-        return self.decode(quant.to(weight.dtype))
-
-    @torch.no_grad()
     def decode_merged(self, codes: torch.Tensor, token_map: torch.Tensor,
                       groups_to_use: int | None = None) -> torch.Tensor:
         """Merged codes (B, K, G) + token map (B, h, w) -> images: each code decodes at every position it covers."""
         check_token_map(token_map, codes)
         return self.decode_codes(unmerge(codes, token_map), groups_to_use)
-
-    def codebook(self) -> None:
-        """None: LFQ has no code table to hand a GPT; the GPT learns its own code embeddings."""
-        return None

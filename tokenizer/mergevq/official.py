@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from tokenizer.common.io import load_weights_file
+from tokenizer.magvit2 import ema_by_raw_names
 
 WEIGHT_CHOICES = ("auto", "ema", "raw")
 SKIPPED = ("loss.", "dist_model.")  # training-only modules
@@ -46,10 +47,4 @@ def read_weights(path: str | os.PathLike, weights: str = "auto") -> tuple[dict, 
     if not ema:
         raise ValueError(f"{path}: weights='ema' but the file has no model_ema.encoder*/decoder* entries "
                          f"(it was trained with use_ema: False)")
-    dotted = {k.replace(".", ""): k for k in raw}  # EMA names are the parameter names without dots
-    unknown = sorted(k for k in ema if k not in dotted)
-    missing = sorted(k for flat, k in dotted.items() if flat not in ema)
-    if unknown or missing:
-        raise ValueError(f"{path}: EMA weights do not match the raw ones: unknown EMA entries {unknown[:10]}, "
-                         f"parameters without EMA {missing[:10]}")
-    return {dotted[k]: v for k, v in ema.items()}, "ema"
+    return ema_by_raw_names(raw, ema, path), "ema"
