@@ -99,7 +99,8 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1, GELU, fc2; with `grid`, a depthwise 3x3 conv over the (h, w) token grid sits before the GELU (MixMlp)."""
+    """fc1, GELU, fc2; with dw_conv, a depthwise 3x3 conv over the (h, w) token grid sits before the GELU (the
+    official MixMlp, which takes the grid as sqrt(N) x sqrt(N): square only)."""
 
     def __init__(self, dim: int, hidden: int, dw_conv: bool):
         super().__init__()
