@@ -313,13 +313,16 @@ def check_files(entry: ZooEntry, files: ModelFiles) -> None:
     weights = read_official_weights(gpt_path, gpt.config)
     if gpt.config.input_embedding == "codebook":  # the official GPT takes the codebook from the tokenizer
         weights.setdefault("codebook", gpt.codebook)
-    try:
-        check_state_dict(gpt, weights, f"{gpt_path} (GPT of zoo model {entry.name!r})")
-        ref = files.tokenizer
-        tok_weights, which = get_family(ref.family).read_weights(tok_path, ref.weights)
-        check_state_dict(tokenizer, tok_weights, f"{tok_path} ({which!r} tokenizer weights of zoo model {entry.name!r})")
-    except RuntimeError as e:
-        raise ValueError(str(e).replace("the tokenizer architecture", "the entry's architecture")) from None
+    tok_weights, which = get_family(files.tokenizer.family).read_weights(tok_path, files.tokenizer.weights)
+    problems = []
+    for module, sd, what in ((gpt, weights, f"{gpt_path} (GPT of zoo model {entry.name!r})"),
+                             (tokenizer, tok_weights, f"{tok_path} ({which!r} tokenizer weights of {entry.name!r})")):
+        try:
+            check_state_dict(module, sd, what)
+        except RuntimeError as e:
+            problems.append(str(e).replace("the tokenizer architecture", "the entry's architecture"))
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def provenance(entry: ZooEntry, run: ModelFiles, sampler: SamplerConfig, ckpt_dir: str | os.PathLike) -> dict:
