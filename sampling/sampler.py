@@ -282,7 +282,8 @@ def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike
         write_npz(npz_path, png_dir, num_samples, sampler.num_classes)
         write_json_atomic(npz_path.with_suffix(".json"), {
             **sampler.settings(), "num_samples": num_samples, "samples": str(npz_path),
-            "run": {"batch_size": batch_size, "num_processes": world, "device": str(sampler.device)}, **(sidecar or {})})
+            "run": {"batch_size": batch_size, "num_processes": world, "device": str(sampler.device)},
+            **(sidecar or {})})
     _barrier(accelerator)
     return npz_path
 

@@ -58,6 +58,12 @@ def top_k_label(top_k: int, top_k_log2: bool) -> str:
 
 
 def plot(path: Path, rows: list[dict], top_k_log2: bool = False, mark: dict | None = None) -> None:
+    """FID and IS against the CFG scale, one line per top-k (figure()), written to `path`."""
+    with atomic_path(path) as tmp:
+        figure(rows, top_k_log2, mark).savefig(tmp, dpi=120, format="png")
+
+
+def figure(rows: list[dict], top_k_log2: bool = False, mark: dict | None = None):
     """FID and IS against the CFG scale, one line per top-k; `mark` (sampling.zoo.plot_mark): the published setting,
     a dotted line at its scale and a star at its published FID / IS."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
@@ -83,8 +89,7 @@ def plot(path: Path, rows: list[dict], top_k_log2: bool = False, mark: dict | No
         ax.grid(alpha=0.3)
     ax_fid.legend()
     fig.suptitle(f"CFG sweep, {rows[0]['num_samples']} samples per setting")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    return fig
 
 
 def sweep(cfg: SweepConfig, draw: Callable[[float, int, Path], Path], identity: dict,

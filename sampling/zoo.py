@@ -77,7 +77,7 @@ def _llamagen(size: str, preset: str, grid: int, cfg: float, cfg_src: str, fid: 
     file = f"c2i_{size}_{res}.pt"
     return ZooEntry(
         name=f"llamagen-{size.lower()}-{res}",
-        gpt_file=file,  # LlamaGen README.md, "AR models" table (its link text for XL says c2i_X_384L.pt; the URL's name)
+        gpt_file=file,  # LlamaGen README.md "AR models" table (the URL's name; XL's link text says c2i_X_384L.pt)
         gpt_page=f"https://huggingface.co/FoundationVision/LlamaGen/resolve/main/{file}",  # README.md, same row
         tokenizer_file="vq_ds16_c2i.pt",  # README.md "VQ-VAE models"; sample_c2i_ddp.py --vq-model VQ-16 (default)
         tokenizer_page="https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt",
@@ -323,6 +323,20 @@ def check_files(entry: ZooEntry, files: ModelFiles) -> None:
             problems.append(str(e).replace("the tokenizer architecture", "the entry's architecture"))
     if problems:
         raise ValueError("\n".join(problems))
+
+
+def available(ckpt_dir: str | os.PathLike) -> list[str]:
+    """The entries whose files are in ckpt_dir and pass check_files (IBQ-AR and Open-MAGVIT2 share file names)."""
+    names = []
+    for name, entry in ZOO.items():
+        files = model_files(entry, ckpt_dir)
+        if Path(files.gpt_ckpt).is_file() and Path(files.tokenizer.checkpoint).is_file():
+            try:
+                check_files(entry, files)
+            except ValueError:
+                continue
+            names.append(name)
+    return names
 
 
 def provenance(entry: ZooEntry, run: ModelFiles, sampler: SamplerConfig, ckpt_dir: str | os.PathLike) -> dict:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from conftest import family_fixture
 from sampling import zoo
 from sampling.sampler import SampleRunConfig
+from sampling.sweep import figure
 from sampling.zoo import Published, ZooEntry
 from test_evaluate import inception_weights  # noqa: F401 (a fixture: random weights with the real keys)
 from test_sample_ddp import free_port
@@ -95,20 +96,20 @@ def test_missing_truncated_and_foreign_files_fail_before_sampling(release, tmp_p
         zoo.check_files(entry, zoo.model_files(entry, tmp_path))
     pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n"
     (tmp_path / "AR_256_B.ckpt").write_text(pointer)
-    with pytest.raises(ValueError, match=rf"is {len(pointer)} bytes, but the weights .* need at least [\d,]+ .*git-lfs"):
+    with pytest.raises(ValueError, match=rf"is {len(pointer)} bytes, but the weights .* need at least [\d,]+ .*lfs"):
         zoo.check_files(entry, zoo.model_files(entry, tmp_path))
     # a file of another release: the GPT lacks a block's adaLN, the tokenizer has an extra table
     other = {k: v for k, v in sd.items() if k != "transformer.blocks.1.ada_lin.1.bias"}
     other["first_stage_model.quantize.extra.weight"] = torch.zeros(64, 16)
     torch.save({"state_dict": other}, tmp_path / "AR_256_B.ckpt")
-    with pytest.raises(ValueError, match=r"(?s)GPT of zoo model 'tiny-ibq-ar'.*missing keys \(1\): layers.1.ada_lin.1.bias"
-                                         r".*tokenizer weights.*unexpected keys \(1\): quantize.extra.weight"):
+    with pytest.raises(ValueError, match=r"(?s)GPT of zoo model 'tiny-ibq-ar'.*missing keys \(1\): layers.1.ada_lin.1."
+                                         r"bias.*tokenizer weights.*unexpected keys \(1\): quantize.extra.weight"):
         zoo.check_files(entry, zoo.model_files(entry, tmp_path))
     del other["first_stage_model.quantize.extra.weight"]
     other["transformer.blocks.1.ada_lin.1.bias"] = sd["transformer.blocks.1.ada_lin.1.bias"]
     other["first_stage_model.quant_conv.weight"] = torch.zeros(8, 32, 1, 1)  # another shape (16, 32, 1, 1)
     torch.save({"state_dict": other}, tmp_path / "AR_256_B.ckpt")
-    with pytest.raises(ValueError, match=r"(?s)tokenizer weights of 'tiny-ibq-ar'.*shape mismatches \(1\): quant_conv.weight"):
+    with pytest.raises(ValueError, match=r"(?s)tokenizer weights of 'tiny-ibq-ar'.*shape mismatches \(1\): quant_conv"):
         zoo.check_files(entry, zoo.model_files(entry, tmp_path))
 
 
@@ -175,3 +176,32 @@ def test_unknown_zoo_name_on_the_command_line(repo, tmp_path):
                             text=True, timeout=120)
     assert result.returncode != 0
     assert "unknown zoo model 'ibq-ar-m'" in result.stderr and "ibq-ar-b, ibq-ar-l" in result.stderr
+
+
+def test_sweep_plot_marks_the_published_setting():
+    rows = [{"cfg_scale": scale, "top_k": 0, "fid": fid, "inception_score": isc, "num_samples": 100}
+            for scale, fid, isc in ((1.5, 9.0, 50.0), (2.0, 8.0, 60.0), (2.5, 8.5, 70.0))]
+    mark = zoo.plot_mark(zoo.get("open-magvit2-ar-xl"))  # per-sub-token scales [1.75, 1.85]: marked at their mean
+    assert mark["cfg_scale"] == pytest.approx(1.8) and (mark["fid"], mark["inception_score"]) == (2.33, 271.77)
+    for ax, published in zip(figure(rows, mark=mark).axes, (2.33, 271.77)):
+        stars = [line for line in ax.lines if line.get_marker() == "*"]
+        assert len(stars) == 1 and stars[0].get_xydata().tolist() == [[pytest.approx(1.8), published]]
+        dotted = [line for line in ax.lines if line.get_linestyle() == ":"]
+        assert len(dotted) == 1 and dotted[0].get_xdata()[0] == pytest.approx(1.8)
+        assert dotted[0].get_label() == "open-magvit2-ar-xl published: cfg [1.75, 1.85]"
+    assert not [line for ax in figure(rows).axes for line in ax.lines if line.get_marker() == "*"]
+
+
+def test_an_mgvq_layout_release_passes_its_file_checks(golden, tmp_path):
+    """The MGVQ GPT file stores no codebook (the tokenizer's table is its input) and unused adaLN weights: the
+    official tiny GPT + tokenizer of ../shared/golden pass, a GPT of other width fails naming the shapes."""
+    from test_sample_ddp import OFFICIAL
+
+    tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
+    entry = dataclasses.replace(
+        zoo.get("mgvq-gpt-xxl"), name="tiny-mgvq", gpt_file="gpt_tiny.pt", tokenizer_file="tokenizer_tiny.pt",
+        gpt_official=OFFICIAL, tokenizer="mgvq-f8c32-g4", tokenizer_fields=tok)
+    zoo.check_files(entry, zoo.model_files(entry, golden))
+    wider = dataclasses.replace(entry, gpt_official={**OFFICIAL, "dim": 128})
+    with pytest.raises(ValueError, match=r"(?s)GPT of zoo model 'tiny-mgvq'.*shape mismatches.*img_projector"):
+        zoo.check_files(wider, zoo.model_files(wider, golden))
