@@ -308,7 +308,7 @@ def check_files(entry: ZooEntry, files: ModelFiles) -> None:
         size = path.stat().st_size
         if size < least:
             raise ValueError(f"{path} is {size:,} bytes, but the weights of zoo model {entry.name!r} need at least "
-                             f"{least:,} (2 bytes each): a partial download or a git-lfs pointer? Fetch it again from "
+                             f"{least:,} (2 bytes each): a partial download, a git-lfs pointer or another model's file? Fetch it from "
                              f"{entry.gpt_page if path == gpt_path else entry.tokenizer_page}")
     weights = read_official_weights(gpt_path, gpt.config)
     if gpt.config.input_embedding == "codebook":  # the official GPT takes the codebook from the tokenizer

@@ -194,7 +194,8 @@ def test_sweep_plot_marks_the_published_setting():
 
 def test_an_mgvq_layout_release_passes_its_file_checks(golden, tmp_path):
     """The MGVQ GPT file stores no codebook (the tokenizer's table is its input) and unused adaLN weights: the
-    official tiny GPT + tokenizer of ../shared/golden pass, a GPT of other width fails naming the shapes."""
+    official tiny GPT + tokenizer of ../shared/golden pass; for a narrower GPT the file fails naming the shapes, for a
+    wider one it is too small."""
     from test_sample_ddp import OFFICIAL
 
     tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
@@ -202,6 +203,9 @@ def test_an_mgvq_layout_release_passes_its_file_checks(golden, tmp_path):
         zoo.get("mgvq-gpt-xxl"), name="tiny-mgvq", gpt_file="gpt_tiny.pt", tokenizer_file="tokenizer_tiny.pt",
         gpt_official=OFFICIAL, tokenizer="mgvq-f8c32-g4", tokenizer_fields=tok)
     zoo.check_files(entry, zoo.model_files(entry, golden))
-    wider = dataclasses.replace(entry, gpt_official={**OFFICIAL, "dim": 128})
+    narrower = dataclasses.replace(entry, gpt_official={**OFFICIAL, "dim": 32})
     with pytest.raises(ValueError, match=r"(?s)GPT of zoo model 'tiny-mgvq'.*shape mismatches.*img_projector"):
+        zoo.check_files(narrower, zoo.model_files(narrower, golden))
+    wider = dataclasses.replace(entry, gpt_official={**OFFICIAL, "dim": 128})  # needs more bytes than the file has
+    with pytest.raises(ValueError, match=r"gpt_tiny.pt is 1,722,757 bytes.*need at least 2,162,432.*another model"):
         zoo.check_files(wider, zoo.model_files(wider, golden))
