@@ -261,23 +261,21 @@ def run_fields(entry: ZooEntry, ckpt_dir: str | os.PathLike) -> dict[str, Any]:
             **{f"sampler.{k}": v for k, v in entry.sampler.items()}}
 
 
-def sampler_config(entry: ZooEntry) -> SamplerConfig:
-    return SamplerConfig(**entry.sampler)
-
-
-def build_on_meta(entry: ZooEntry) -> tuple[GPT, torch.nn.Module]:
-    """The entry's GPT and tokenizer with meta tensors (no memory, no file): their sizes and key sets."""
-    ref = tokenizer_ref(entry)
+def build_on_meta(files: ZooEntry | ModelFiles) -> tuple[GPT, torch.nn.Module]:
+    """The GPT and tokenizer of an entry (or of a run's files and configs) with meta tensors (no memory, no file):
+    their sizes and key sets."""
+    files = model_files(files) if isinstance(files, ZooEntry) else files
+    ref = files.tokenizer
     with torch.device("meta"):
         tokenizer = get_family(ref.family).model_cls(ref.config)
-        gpt = GPT(gpt_config(model_files(entry), ref.config))
+        gpt = GPT(gpt_config(files, ref.config))
     return gpt, tokenizer
 
 
 def check_settings(entry: ZooEntry, gpt: GPT) -> None:
     """The sampler's own checks on the entry's settings, for this GPT (guidance needs a trained null class; per-group
     values need one per group)."""
-    config = sampler_config(entry)
+    config = SamplerConfig(**entry.sampler)
     config.check()
     check_guidance(gpt, config.cfg_scale)
     for name in ("cfg_scale", "temperature", "top_k", "top_p"):
@@ -296,9 +294,10 @@ def _require(path: Path, entry: ZooEntry, page: str) -> None:
 
 
 def check_files(entry: ZooEntry, files: ModelFiles) -> None:
-    """Refuse, before anything is loaded or sampled, a file that is missing, too small for the entry's weights (a
-    partial download, a git-lfs pointer) or whose weights are not the entry's (other keys or shapes)."""
-    gpt, tokenizer = build_on_meta(entry)
+    """Refuse, before anything is loaded or sampled, a file that is missing, too small for the weights `files`
+    describes (a partial download, a git-lfs pointer) or whose weights are not those (other keys or shapes). `files`:
+    the run's, i.e. the entry's with the command line's overrides; `entry` names the release pages."""
+    gpt, tokenizer = build_on_meta(files)
     gpt_path, tok_path = Path(files.gpt_ckpt), Path(files.tokenizer.checkpoint)
     _require(gpt_path, entry, entry.gpt_page)
     _require(tok_path, entry, entry.tokenizer_page)
@@ -307,9 +306,10 @@ def check_files(entry: ZooEntry, files: ModelFiles) -> None:
     for path, least in need.items():
         size = path.stat().st_size
         if size < least:
+            page = entry.gpt_page if path == gpt_path else entry.tokenizer_page
             raise ValueError(f"{path} is {size:,} bytes, but the weights of zoo model {entry.name!r} need at least "
-                             f"{least:,} (2 bytes each): a partial download, a git-lfs pointer or another model's file? Fetch it from "
-                             f"{entry.gpt_page if path == gpt_path else entry.tokenizer_page}")
+                             f"{least:,} (2 bytes each): a partial download, a git-lfs pointer or another model's "
+                             f"file? Fetch it from {page}")
     weights = read_official_weights(gpt_path, gpt.config)
     if gpt.config.input_embedding == "codebook":  # the official GPT takes the codebook from the tokenizer
         weights.setdefault("codebook", gpt.codebook)
