@@ -3,6 +3,7 @@
 #                                    project itself without dependencies
 #   setup_env .venv-latest latest    the newest versions pyproject's ranges allow (torch / torchvision stay pinned)
 # Sets PY to the environment's python.
+#   tools_uv                         uv in .venv-tools (a tool here, not a dependency: lock.sh, wheelhouse.sh); sets UV
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)  # pinned together; keep in step with scripts/lock.sh
 
 setup_env() {
@@ -23,4 +24,12 @@ from importlib.metadata import version
 print("environment:", ", ".join(f"{p} {version(p)}" for p in
       ("torch", "accelerate", "transformers", "torch-fidelity", "hydra-core", "numpy")))
 PY
+}
+
+tools_uv() {
+    if [ ! -x .venv-tools/bin/uv ]; then
+        python3 -m venv .venv-tools
+        .venv-tools/bin/python -m pip install -q uv
+    fi
+    UV=.venv-tools/bin/uv
 }
