@@ -18,7 +18,7 @@
 # Prints each wheel and the folder's size, and warns when the folder passes 40 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_env.sh  # tools_uv
+source scripts/_env.sh  # locked_pins, normalise, node_names
 PYVER=3.12 OUT=wheelhouse HAVE=""
 LIMIT_MB=40
 while [ $# -gt 0 ]; do
@@ -35,14 +35,9 @@ done
 PLATFORMS=(manylinux2014_x86_64 manylinux2010_x86_64 manylinux1_x86_64)
 for n in $(seq 17 28); do PLATFORMS+=("manylinux_2_${n}_x86_64"); done
 
-normalise() { tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g'; }  # PEP 503 names: Foo_Bar.baz -> foo-bar-baz
-
-# The lock's lines for this Python on Linux x86-64 (its markers evaluated by uv; --no-deps: no re-resolving).
-tools_uv
-PINS=$("$UV" pip compile requirements.lock --no-deps --python-version "$PYVER" \
-       --python-platform x86_64-manylinux_2_28 --no-python-downloads --no-header --no-annotate --quiet)
+PINS=$(locked_pins "$PYVER")
 SKIP='^(torch|torchvision|triton|nvidia-.*|cuda-.*)$'
-HAVE_NAMES=$( [ -z "$HAVE" ] || sed -E 's/#.*//; s/[ =<>;\[].*//' "$HAVE" | grep -v '^$' | normalise)
+HAVE_NAMES=$( [ -z "$HAVE" ] || node_names "$HAVE")
 WANT=()
 while IFS= read -r pin; do
     name=$(printf '%s' "${pin%%==*}" | normalise)
