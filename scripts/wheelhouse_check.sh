@@ -44,8 +44,9 @@ PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --no-index --find-links "$VENV/wh
 TORCH_AFTER=$("$PY" -m pip freeze | grep -E '^(torch|torchvision)==')
 [ "$TORCH_BEFORE" = "$TORCH_AFTER" ] || { echo "torch changed: $TORCH_BEFORE -> $TORCH_AFTER" >&2; exit 1; }
 echo "torch kept: $(echo "$TORCH_AFTER" | tr '\n' ' ')"
-(cd /tmp && "$PY" -c "import gpt, sampling, tokenizer, hydra, torch_fidelity; print('imports from outside the checkout:',
-    gpt.__file__.rsplit('/', 2)[-2], 'hydra', hydra.__version__, 'torch-fidelity', torch_fidelity.__version__)")
+PIP_CONFIG_FILE=/dev/null "$PY" -m pip check
+(cd /tmp && "$PY" -c "import gpt, sampling, tokenizer, hydra, torch_fidelity; print('imported outside the checkout:',
+    'gpt from', gpt.__file__, '| hydra', hydra.__version__, '| torch-fidelity', torch_fidelity.__version__)")
 
 echo "== CPU subset of the suite"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m pytest -q -p no:cacheprovider "${CPU_SUBSET[@]}"
