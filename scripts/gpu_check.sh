@@ -13,7 +13,11 @@
 #   extract    45 s  bf16 extraction, MGVQ-f16c32-G4 encoder at 256px, batch 64, 10 batches: images/s
 #   fsdp      150 s  on 2 or more GPUs only: conf/accelerate/fsdp.yaml, GPT-B, bf16, EMA, 20 steps on a synthetic
 #                    store, a sharded checkpoint, and the export loaded back with gpt.load_gpt
-#   --quick runs deps, tests and sample_quick (45 s: the sampling benchmark in bf16, eager only).
+#   zoo       240 s  optional, with ZOO_CKPT_DIR=<a released model's official files> and ZOO_REFERENCE=<ADM
+#                    VIRTUAL_imagenet256_labeled.npz> (Inception weights: $MGVQ_INCEPTION_WEIGHTS; ZOO=<name>, default
+#                    the first model whose files are there): 1,000 samples (sampling.zoo) and their gFID-1k, beside
+#                    the published gFID-50k (biased upwards: not comparable). With --quick it fits the 10 minutes.
+#   --quick runs deps, tests and sample_quick (45 s: the sampling benchmark in bf16, eager only), then zoo if asked.
 #
 # Usage: bash scripts/gpu_check.sh [--quick] [--dry-run [--gpus N]] [--report FILE]
 #   --dry-run   without CUDA: runs every part of each step that needs no GPU (deps, the tests, which skip there,
@@ -106,6 +110,24 @@ print(f"FSDP x{ngpu}: loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, {log[-
 EOF
 }
 
+step_zoo() {
+    local name=${ZOO:-$("$PY" -c "import sys; from sampling import zoo; print(*zoo.available(sys.argv[1])[:1])" \
+        "$ZOO_CKPT_DIR")}
+    [ -n "$name" ] || { echo "zoo: the files of no released model are in $ZOO_CKPT_DIR" >&2; exit 1; }
+    echo "zoo model: $name"
+    cuda "$PY" -m accelerate.commands.launch --num_processes "$NGPU" --main_process_port 0 scripts/sample_c2i_ddp.py \
+        zoo="$name" ckpt_dir="$ZOO_CKPT_DIR" out_dir="$WORK/zoo" num_samples=1000
+    cuda "$PY" scripts/evaluate.py samples="$WORK/zoo/samples.npz" reference="${ZOO_REFERENCE:?set ZOO_REFERENCE}" \
+        progress=false
+    cuda "$PY" - "$WORK/zoo/samples.metrics.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m, p = r["metrics"], r["published"]
+print(f"zoo {r['sampling']['zoo']['name']}: gFID-1k {m['fid']:.2f}, IS-1k {m['inception_score']:.1f} on 1,000 samples; "
+      f"published on 50,000 (not comparable): gFID {p['fid']}, IS {p['inception_score']}")
+EOF
+}
+
 # Steps, in the order they run: name, time limit (s), title, and an extended regex of the output lines the report
 # keeps. Each runs as the function step_<name> above; its commands that need CUDA go through `cuda`.
 # To add one: a step_<name> function and an add_step line where it should run (keep the sum of limits < 8 min).
@@ -126,6 +148,10 @@ else
         add_step fsdp 150 "FSDP on $NGPU GPUs: GPT-B, bf16, EMA, sharded checkpoint, export" \
             "^FSDP|^synthetic code store|^needs CUDA"
     fi
+fi
+if [ -n "${ZOO_CKPT_DIR:-}" ]; then
+    add_step zoo 240 "1,000 samples of a released model, gFID-1k beside the published gFID-50k" \
+        "^zoo[ :]|^needs CUDA"
 fi
 export -f cuda $(compgen -A function step_)
 
@@ -162,7 +188,12 @@ for name in "${STEPS[@]}"; do
     {
         printf '%-12s %-22s %5d.%d s (limit %d s)\n' "$name" "$status" $((seconds / 1000)) $((seconds % 1000 / 100)) \
             "${LIMIT[$name]}"
-        grep -E "${KEEP[$name]}" "$WORK/$name.txt" | sed 's/^/    /' || true
+        kept=$(grep -E "${KEEP[$name]}" "$WORK/$name.txt" || true)
+        [ -z "$kept" ] || sed 's/^/    /' <<<"$kept"
+        if [ "$rc" != 0 ]; then  # and what it said last
+            tail -n 5 "$WORK/$name.txt" | { if [ -z "$kept" ]; then cat; else grep -vxF "$kept"; fi; } \
+                | sed 's/^/    | /' || true
+        fi
     } >> "$REPORT"
     if [ "$name" = deps ] && [ "$rc" != 0 ]; then
         echo "gpu_check: dependencies missing (above): nothing else can run" | tee -a "$REPORT" >&2
