@@ -30,6 +30,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -z "$HAVE" ] || [ -f "$HAVE" ] || { echo "wheelhouse.sh: --missing-only: no file '$HAVE'" >&2; exit 2; }
+if [ -d "$OUT" ] && find "$OUT" -mindepth 1 ! -name '*.whl' | grep -q .; then
+    echo "wheelhouse.sh: $OUT holds more than wheels: not emptying it (name a new folder with --out)" >&2
+    exit 2
+fi
 
 # manylinux tags up to glibc 2.28 (pip matches each tag exactly): wheels that run on any node from about 2019 on.
 PLATFORMS=(manylinux2014_x86_64 manylinux2010_x86_64 manylinux1_x86_64)
