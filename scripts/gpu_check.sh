@@ -19,21 +19,23 @@
 #                    the published gFID-50k (biased upwards: not comparable). With --quick it fits the 10 minutes.
 #   --quick runs deps, tests and sample_quick (45 s: the sampling benchmark in bf16, eager only), then zoo if asked.
 #
-# Usage: bash scripts/gpu_check.sh [--quick] [--dry-run [--gpus N]] [--report FILE]
+# Usage: bash scripts/gpu_check.sh [--quick] [--dry-run | --plan] [--gpus N] [--report FILE]
 #   --dry-run   without CUDA: runs every part of each step that needs no GPU (deps, the tests, which skip there,
 #               the FSDP store), in the GPU run's order, sizes and limits; prints each CUDA command instead
-#   --gpus N    the GPUs a dry run plans for (default 1)
+#   --plan      only print the steps that would run, with their limits and total
+#   --gpus N    the GPUs a dry run or plan is for (default 1)
 #   --report    the report file (default runs/gpu_check_<UTC time>.txt), named at the start and at the end
 # PYTHON picks the interpreter (default .venv/bin/python, else python3). To add a step, see "Steps" below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-QUICK=0 DRY=0 NGPU=1 REPORT=runs/gpu_check_$(date -u +%Y%m%dT%H%M%SZ).txt
+QUICK=0 DRY=0 PLAN=0 NGPU=1 REPORT=runs/gpu_check_$(date -u +%Y%m%dT%H%M%SZ).txt
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1; shift ;;
         --dry-run) DRY=1; shift ;;
+        --plan) PLAN=1; DRY=1; shift ;;
         --gpus) NGPU=$2; shift 2 ;;
         --report) REPORT=$2; shift 2 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (see the header of scripts/gpu_check.sh)" >&2; exit 2 ;;
@@ -157,6 +159,11 @@ export -f cuda $(compgen -A function step_)
 
 TOTAL=0
 for name in "${STEPS[@]}"; do TOTAL=$((TOTAL + LIMIT[$name])); done
+if [ "$PLAN" = 1 ]; then
+    for name in "${STEPS[@]}"; do printf '%-12s %4d s  %s\n' "$name" "${LIMIT[$name]}" "${TITLE[$name]}"; done
+    echo "total ${TOTAL} s"
+    exit 0
+fi
 mkdir -p "$(dirname "$REPORT")"
 {
     echo "gpu_check $(date -u +%Y-%m-%dT%H:%MZ) on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null ||
