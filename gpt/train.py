@@ -22,8 +22,8 @@ from gpt.loading import load_gpt
 from gpt.model import GPT
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
-from tokenizer.config import TokenizerRef
-from tokenizer.families import get_family, group_sizes
+from tokenizer.families.mgvq.config import TokenizerRef
+from tokenizer.registry import get_family, group_sizes
 from tokenizer.loading import read_codebook
 
 

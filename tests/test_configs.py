@@ -11,7 +11,7 @@ from sampling.demo import DemoConfig
 from sampling.metrics import EvalConfig
 from sampling.sampler import SampleRunConfig, SamplerConfig
 from sampling.sweep import SweepConfig
-from tokenizer.config import MGVQConfig, TokenizerRef
+from tokenizer.families.mgvq.config import MGVQConfig, TokenizerRef
 from tokenizer.extract import ExtractConfig
 from tokenizer.recon import ReconConfig
 from tokenizer.train import TrainTokenizerConfig
@@ -80,7 +80,7 @@ def test_model_presets_leave_the_store_fields_unset(repo, name, hydra_presets):
 
 @pytest.mark.parametrize("preset, family", [("llamagen-vq16", "llamagen_vq"), ("ibq-262144", "ibq")])
 def test_other_family_presets_compose(repo, preset, family, hydra_presets):
-    from tokenizer.vqgan import VQGANConfig
+    from tokenizer.families.vqgan.model import VQGANConfig
 
     ref = tokenizer_ref(repo, [f"tokenizer={preset}", "tokenizer.weights=raw"])
     assert ref == TokenizerRef(config=VQGANConfig.preset(preset), checkpoint="w.pt", family=family, weights="raw")

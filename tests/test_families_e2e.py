@@ -15,7 +15,7 @@ from tokenizer.data import ImageViews
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
 from tokenizer.recon import ReconConfig, ReconDataConfig, eval_recon
 from tokenizer.store import CodeStore, StoreMismatchError
-from tokenizer.vqgan import VQGAN, VQGANConfig
+from tokenizer.families.vqgan.model import VQGAN, VQGANConfig
 
 # IBQ with more than 65536 codes: the store holds uint32.
 FAMILIES = {"llamagen_vq": ("cosine", 64, np.uint16), "ibq": ("dot", 65600, np.uint32)}

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer.families import FAMILIES, load_tokenizer
-from tokenizer.magvit2 import Magvit2Config, OpenMagvit2, depth_to_space
+from tokenizer.registry import FAMILIES, load_tokenizer
+from tokenizer.families.magvit2 import Magvit2Config, OpenMagvit2, depth_to_space
 
 FIXTURES = Path(__file__).parent / "fixtures" / "open_magvit2"
 TINY = {"ch": 32, "ch_mult": [2, 1], "num_res_blocks": 1, "z_channels": 5, "factorized_bits": [2, 3]}

@@ -1,10 +1,10 @@
-"""LlamaGen VQ and IBQ tokenizers (tokenizer.vqgan) against golden outputs of the official code (tests/fixtures)."""
+"""LlamaGen VQ and IBQ tokenizers (tokenizer.families.vqgan.model) against golden outputs of the official code (tests/fixtures)."""
 import pytest
 import torch
 
 from conftest import family_fixture
-from tokenizer.vqgan import PRESETS, VQGAN, VQGANConfig, chunked_argmax
-from tokenizer.vqgan_weights import _ibq_ema, llamagen_to_vqgan
+from tokenizer.families.vqgan.model import PRESETS, VQGAN, VQGANConfig, chunked_argmax
+from tokenizer.families.vqgan.official import _ibq_ema, llamagen_to_vqgan
 
 RTOL = 1e-4
 

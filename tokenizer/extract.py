@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from tokenizer.common.io import sha256_file
 from tokenizer.common.precision import autocast_dtype, check_precision
-from tokenizer.config import TokenizerRef
+from tokenizer.families.mgvq.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
-from tokenizer.families import group_sizes
+from tokenizer.registry import group_sizes
 from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter, dtype_for
 
 

@@ -1,4 +1,4 @@
-"""Load and save tokenizer weights of every family (tokenizer.families): official layouts and this project's,
+"""Load and save tokenizer weights of every family (tokenizer.registry): official layouts and this project's,
 strictly, without downloads."""
 import os
 from pathlib import Path
@@ -7,7 +7,7 @@ import torch
 
 from tokenizer.common.io import atomic_path
 from tokenizer.common.settings import refuse_mismatch
-from tokenizer.vqgan_weights import load_official
+from tokenizer.families.vqgan.official import load_official
 
 # Checkpoint entries that may hold the weights, in order of preference: EMA weights are what one samples with.
 WEIGHT_KEYS = ("ema", "model", "state_dict")
@@ -56,7 +56,7 @@ def _stored(blob: dict, path, family: str):
     """(config, state dict) of this project's file `{"model", "config", "family"}`, or None for an official file."""
     if not (isinstance(blob.get("config"), dict) and _is_state_dict(blob.get("model"))):
         return None
-    from tokenizer.families import get_family  # families imports this module
+    from tokenizer.registry import get_family  # families imports this module
 
     stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
     if stored_family != family:
@@ -66,14 +66,14 @@ def _stored(blob: dict, path, family: str):
 
 def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", family: str = "mgvq",
                    weights: str = "auto") -> torch.nn.Module:
-    """A tokenizer of `family` (tokenizer.families) from `path`, in eval mode with gradients off.
+    """A tokenizer of `family` (tokenizer.registry) from `path`, in eval mode with gradients off.
 
     The file is this project's `{"model": sd, "config": dict, "family": name}` or the family's official layout,
     whose weights the family reads (`weights`: auto = what the official AR sampler decodes with, ema or raw;
     MGVQ: EMA wins over model over state_dict). `config` None reads the stored config; a config given for a
     file that stores one must equal it. Keys and shapes must match exactly.
     """
-    from tokenizer.families import get_family
+    from tokenizer.registry import get_family
 
     fam = get_family(family)
     if config is not None and fam.check_config is not None:
@@ -107,7 +107,7 @@ def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", fam
 
 def save_tokenizer(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write this project's tokenizer file `{"model": state_dict, "config": dict, "family": name}` atomically."""
-    from tokenizer.families import family_of
+    from tokenizer.registry import family_of
 
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "family": family_of(model)}, tmp)
@@ -117,7 +117,7 @@ def read_codebook(path: str | os.PathLike, family: str = "mgvq", weights: str = 
     """The raw codebook table (codebook_size, latent/G) of a tokenizer file, in float32, reading only that tensor
     (memory-mapped where the file allows): what a GPT with codebook input embeds. Official files give the
     weights `load_tokenizer(path, family=family, weights=weights)` would load."""
-    from tokenizer.families import get_family
+    from tokenizer.registry import get_family
 
     path = Path(path)
     stored = _stored(load_official(path), path, family)

@@ -1,6 +1,6 @@
 """Tokenizer training losses: Charbonnier and L2 reconstruction, LPIPS (VGG16), PatchGAN hinge losses.
 
-The VQ and commitment terms come with the quantizer's output (tokenizer/quantizer.py). LPIPS and the
+The VQ and commitment terms come with the quantizer's output (tokenizer/families/mgvq/quantizer.py). LPIPS and the
 discriminator follow LlamaGen's and MGVQ's tokenizer recipe (taming-transformers lineage); weights are
 only ever read from local files.
 """

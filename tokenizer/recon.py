@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from tokenizer.common.io import write_json_atomic
-from tokenizer.config import TokenizerRef
+from tokenizer.families.mgvq.config import TokenizerRef
 from tokenizer.data import ImageViews
-from tokenizer.families import group_sizes
+from tokenizer.registry import group_sizes
 
 
 def psnr_from_mse(mse: float) -> float:

@@ -8,7 +8,7 @@ the quantizer:
 - `dot` (IBQ): the code is the argmax of the raw dot product z . E (IBQ trains with a softmax over these
   logits), not the nearest in Euclidean distance, and the decoder sees the raw row.
 Parameter names follow IBQ's taming layout (`encoder.down.{level}.block.{i}`, `mid.block_1`, ...); LlamaGen's
-files are translated when read (tokenizer/vqgan_weights.py). Parity with both official implementations is
+files are translated when read (tokenizer/families/vqgan/official.py). Parity with both official implementations is
 tested against tests/fixtures/{llamagen_vq,ibq}.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer.common.settings import known_fields, preset_fields
-from tokenizer.model import IMAGE_CHANNELS, CodeTokenizer
+from tokenizer.families.mgvq.model import IMAGE_CHANNELS, CodeTokenizer
 
 QUANTIZERS = ("cosine", "dot")
 

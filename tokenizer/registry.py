@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 import torch
 
-from tokenizer import loading, magvit2
-from tokenizer.config import MGVQConfig
-from tokenizer.model import MGVQ
-from tokenizer.vqgan import PRESETS as VQGAN_PRESETS
-from tokenizer.vqgan import VQGAN, VQGANConfig
-from tokenizer.vqgan_weights import read_ibq, read_llamagen
+from tokenizer import loading
+from tokenizer.families import magvit2
+from tokenizer.families.mgvq.config import MGVQConfig
+from tokenizer.families.mgvq.model import MGVQ
+from tokenizer.families.vqgan.model import PRESETS as VQGAN_PRESETS
+from tokenizer.families.vqgan.model import VQGAN, VQGANConfig
+from tokenizer.families.vqgan.official import read_ibq, read_llamagen
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def family_of(config) -> str:
 
 def named_refs() -> dict:
     """Every family's presets as hydra `tokenizer` group nodes: TokenizerRef(config=arch, family=...)."""
-    from tokenizer.config import TokenizerRef
+    from tokenizer.families.mgvq.config import TokenizerRef
 
     archs = {**MGVQConfig.named_presets(), **magvit2.Magvit2Config.named_presets(),
              **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}

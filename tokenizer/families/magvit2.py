@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tokenizer.common.io import load_weights_file
 from tokenizer.common.settings import known_fields, preset_fields
-from tokenizer.model import IMAGE_CHANNELS, check_images
+from tokenizer.families.mgvq.model import IMAGE_CHANNELS, check_images
 
 NORM_GROUPS = 32
 EPS = 1e-6

@@ -1,4 +1,4 @@
-"""Read the released LlamaGen VQ and SEED-Voken IBQ tokenizer files into tokenizer.vqgan.VQGAN's key names.
+"""Read the released LlamaGen VQ and SEED-Voken IBQ tokenizer files into tokenizer.families.vqgan.model.VQGAN's key names.
 
 - LlamaGen (`vq_ds16_c2i.pt`): `{"model": sd, "ema": sd (when trained with --ema), "args": argparse.Namespace, ...}`.
   The pickled `args` is accepted by allowing exactly `argparse.Namespace` in the weights-only unpickler. Its

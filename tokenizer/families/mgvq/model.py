@@ -6,8 +6,8 @@ released checkpoints load strictly; the numbers match it to float32 rounding (te
 import torch
 import torch.nn as nn
 
-from tokenizer.config import BackboneConfig, MGVQConfig
-from tokenizer.layers import (
+from tokenizer.families.mgvq.config import BackboneConfig, MGVQConfig
+from tokenizer.families.mgvq.layers import (
     ChannelAveragingDown,
     ChannelDuplicatingUp,
     ConvLayer,
@@ -19,7 +19,7 @@ from tokenizer.layers import (
     make_block,
     make_norm,
 )
-from tokenizer.quantizer import MultiGroupQuantizer, QuantizerOutput
+from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer, QuantizerOutput
 
 IMAGE_CHANNELS = 3
 

@@ -165,7 +165,7 @@ class TokenizerRef:
     weights: str = "auto"  # official files: auto (what the official AR sampler decodes with) | ema | raw
 
     def __post_init__(self):
-        from tokenizer.families import get_family  # families imports this module
+        from tokenizer.registry import get_family  # families imports this module
 
         family = get_family(self.family)  # names the families on a typo
         if isinstance(self.config, dict):
@@ -178,7 +178,7 @@ class TokenizerRef:
 
     def load(self, map_location="cpu"):
         """The tokenizer in eval mode with gradients off (see tokenizer.families.load_tokenizer)."""
-        from tokenizer.families import load_tokenizer
+        from tokenizer.registry import load_tokenizer
 
         return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, self.family,
                               self.weights, map_location)
