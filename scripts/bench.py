@@ -239,7 +239,7 @@ def _step_matmuls(model, rows: int, t: int, device, dtype) -> tuple[dict, list]:
     "attention": each kind apart}, and the GEMMs as (input, weights, pack)."""
     import torch
 
-    from gpt.model import FeedForward
+    from gpt.layers import FeedForward
     from gpt.packed import Linear, packed_linear
 
     config = model.config

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, load_gpt
-from gpt.model import DropPath, one_query_attention, rope_2d
+from gpt.layers import DropPath, one_query_attention, rope_2d
 
 V = 16  # codes per group in the tiny models
 

@@ -84,7 +84,7 @@ def test_a_pack_follows_its_weight():
 
 
 def test_feed_forward_runs_w1_and_w3_as_one_packed_gemm():
-    from gpt.model import FeedForward
+    from gpt.layers import FeedForward
 
     torch.manual_seed(0)
     ff = FeedForward(40, 64).eval()
