@@ -20,11 +20,11 @@ from gpt.config import GPTConfig
 from gpt.data import CodeDataset
 from gpt.loading import load_gpt
 from gpt.model import GPT
+from tokenizer.base import group_sizes
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
-from tokenizer.families.mgvq.config import TokenizerRef
-from tokenizer.registry import get_family, group_sizes
-from tokenizer.loading import read_codebook
+from tokenizer.loading import TokenizerRef, read_codebook
+from tokenizer.registry import get_family
 
 
 @dataclass

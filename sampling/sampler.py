@@ -31,7 +31,7 @@ from tqdm import tqdm
 from gpt import GPT, GPTConfig, load_gpt
 from sampling.generate import CFG_SCHEDULES, generate
 from tokenizer import MGVQ, TokenizerRef
-from tokenizer.registry import group_sizes
+from tokenizer.base import group_sizes
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.common.settings import refuse_mismatch

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import GPTConfig
-from tokenizer.registry import named_refs
+from tokenizer.loading import named_refs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -11,8 +11,9 @@ from sampling.demo import DemoConfig
 from sampling.metrics import EvalConfig
 from sampling.sampler import SampleRunConfig, SamplerConfig
 from sampling.sweep import SweepConfig
-from tokenizer.families.mgvq.config import MGVQConfig, TokenizerRef
 from tokenizer.extract import ExtractConfig
+from tokenizer.families.mgvq.config import MGVQConfig
+from tokenizer.loading import TokenizerRef
 from tokenizer.recon import ReconConfig
 from tokenizer.train import TrainTokenizerConfig
 

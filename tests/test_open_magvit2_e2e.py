@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from sampling.sampler import SampleRunConfig, SamplerConfig, run
-from tokenizer.families.mgvq.config import TokenizerRef
 from tokenizer.data import ImageViews, list_images
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
 from tokenizer.families.magvit2 import Magvit2Config
+from tokenizer.loading import TokenizerRef
 from tokenizer.recon import ReconConfig, ReconDataConfig, eval_recon
 from tokenizer.store import CodeStore
 

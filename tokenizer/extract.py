@@ -15,11 +15,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from tokenizer.base import group_sizes
 from tokenizer.common.io import sha256_file
 from tokenizer.common.precision import autocast_dtype, check_precision
-from tokenizer.families.mgvq.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
-from tokenizer.registry import group_sizes
+from tokenizer.loading import TokenizerRef
 from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter, dtype_for
 
 

@@ -1,24 +1,19 @@
-"""Tokenizer families: one architecture dataclass, one nn.Module and one reader of its official files each.
+"""Tokenizer families by name: each one's architecture dataclass, its nn.Module (a tokenizer.base.CodeTokenizer)
+and the reader of its official files.
 
-Every family's module has the surface of tokenizer.MGVQ: encode_codes (B, 3, H, W) -> (B, h, w, G) int64,
-decode_codes(codes, groups_to_use=None), codebook(), and a config with downsample, codebook_groups and
-codes_per_group (an int, or one int per group). A family's `read_weights(path, weights)` returns the official
-file's weights in its module's key names and which entry it took (`weights`: auto = what the official AR
-sampler decodes with, ema or raw).
+A family's `read_official(blob, path, weights)` takes the already-loaded contents of an official file and returns
+its weights in the module's key names and which entry it took (`weights`: auto = what the family's official AR
+sampler decodes with, ema or raw). Loading itself is tokenizer.loading's.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-import torch
-
-from tokenizer import loading
 from tokenizer.families import magvit2
+from tokenizer.families.mgvq import official as mgvq_official
 from tokenizer.families.mgvq.config import MGVQConfig
 from tokenizer.families.mgvq.model import MGVQ
-from tokenizer.families.vqgan.model import PRESETS as VQGAN_PRESETS
 from tokenizer.families.vqgan.model import VQGAN, VQGANConfig
 from tokenizer.families.vqgan.official import read_ibq, read_llamagen
 
@@ -28,14 +23,8 @@ class Family:
     name: str
     config_cls: type
     model_cls: type
-    read_weights: Callable  # (path, weights: "auto"|"ema"|"raw") -> (state_dict in model_cls's key names, which)
+    read_official: Callable  # (blob, path, weights) -> (state_dict in model_cls's key names, which entry)
     check_config: Callable | None = None  # raises ValueError when a config does not belong to the family
-
-
-def _read_mgvq(path, weights: str = "auto") -> tuple[dict, str]:
-    if weights != "auto":
-        raise ValueError(f"weights={weights!r}: MGVQ files hold one set of weights (EMA first), use 'auto'")
-    return loading.pick_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
 
 
 def _quantizer_is(kind: str, family: str) -> Callable:
@@ -47,8 +36,8 @@ def _quantizer_is(kind: str, family: str) -> Callable:
 
 
 FAMILIES: dict[str, Family] = {
-    "mgvq": Family("mgvq", MGVQConfig, MGVQ, _read_mgvq),
-    "open_magvit2": Family("open_magvit2", magvit2.Magvit2Config, magvit2.OpenMagvit2, magvit2.read_weights),
+    "mgvq": Family("mgvq", MGVQConfig, MGVQ, mgvq_official.read_official),
+    "open_magvit2": Family("open_magvit2", magvit2.Magvit2Config, magvit2.OpenMagvit2, magvit2.read_official),
     "llamagen_vq": Family("llamagen_vq", VQGANConfig, VQGAN, read_llamagen, _quantizer_is("cosine", "llamagen_vq")),
     "ibq": Family("ibq", VQGANConfig, VQGAN, read_ibq, _quantizer_is("dot", "ibq")),
 }
@@ -69,28 +58,3 @@ def family_of(config) -> str:
         if type(config) is fam.config_cls:
             return fam.name
     raise ValueError(f"{type(config).__name__} is not the config of any tokenizer family {sorted(FAMILIES)}")
-
-
-def named_refs() -> dict:
-    """Every family's presets as hydra `tokenizer` group nodes: TokenizerRef(config=arch, family=...)."""
-    from tokenizer.families.mgvq.config import TokenizerRef
-
-    archs = {**MGVQConfig.named_presets(), **magvit2.Magvit2Config.named_presets(),
-             **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
-    return {name: TokenizerRef(config=arch, family=family_of(arch)) for name, arch in archs.items()}
-
-
-def group_sizes(config) -> list[int]:
-    """Codes per group of a tokenizer config, one entry per group."""
-    per_group = config.codes_per_group
-    return list(per_group) if isinstance(per_group, (list, tuple)) else [per_group] * config.codebook_groups
-
-
-def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "mgvq", weights: str = "auto",
-                   map_location="cpu") -> torch.nn.Module:
-    """A tokenizer of `family` from `path` in eval mode with gradients off; keys and shapes must match exactly
-    (tokenizer.loading.load_tokenizer). `config`: the family's dataclass or a dict of its fields; None reads the
-    config this project's files store (official files store none)."""
-    if isinstance(config, dict):
-        config = get_family(family).config_cls.from_dict(config)
-    return loading.load_tokenizer(path, config, map_location, family=family, weights=weights)

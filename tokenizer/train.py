@@ -19,12 +19,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
-from tokenizer.families.mgvq.config import MGVQConfig, TokenizerRef
 from tokenizer.data import center_crop_arr, list_images
-from tokenizer.loading import load_tokenizer, save_tokenizer
-from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_loss, hinge_g_loss, l2
+from tokenizer.families.mgvq.config import MGVQConfig
 from tokenizer.families.mgvq.model import MGVQ
 from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
+from tokenizer.loading import TokenizerRef, load_tokenizer, save_tokenizer
+from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_loss, hinge_g_loss, l2
 from tokenizer.recon import codebook_usage
 
 
