@@ -6,8 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt.packed import Linear, WeightPack, packed_linear, serves
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -94,20 +92,16 @@ class KVCache(nn.Module):
         v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
         return k_cache, v_cache, self.positions <= pos[:, None]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """Store k, v (b, H_kv, S, D) at pos (see update) and return the attention (b, H, S, D) of the queries
+        q (b, H, S, D) over every cached position up to theirs."""
+        return self.attention(q, *self.update(pos, k, v))
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one query row per head over every given key: q (B, H, 1, D), k and v (B, H_kv, n, D), H a
-    multiple of H_kv -> (B, H, 1, D). Two batched matmuls and a softmax, which inductor fuses into one loop over
-    the cached keys: in a step compiled for a CPU that beats SDPA's flash kernel (GPT-B, 8 rows, 129 keys: 12
-    layers in 6.8 against 7.7 ms), while eager calls are fewer through SDPA. The query heads sharing a key head
-    go in as rows of one matmul. The softmax's sum divides the output, not the weights (as flash attention
-    does): written as softmax-then-matmul, inductor's pattern matcher would turn it back into the flash kernel."""
-    B, H, _, D = q.shape
-    q = q.reshape(B, k.shape[1], H // k.shape[1], D)
-    scores = q @ k.transpose(-1, -2) * D ** -0.5  # (B, H_kv, H/H_kv, n)
-    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
-    out = (weights.type_as(v) @ v) / weights.sum(dim=-1, keepdim=True).type_as(v)
-    return out.reshape(B, H, 1, D)
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (b, H, S, D) over k, v (b, H_kv, n, D) as `update` returns them, with its mask."""
+        # Without a mask the S rows start at key position 0, where causal = lower-triangular.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -117,8 +111,8 @@ class Attention(nn.Module):
                  resid_dropout_p: float = 0.0, qk_norm_eps: float | None = None):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
-        self.wqkv = Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
-        self.wo = Linear(dim, dim, bias=False)
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(self.head_dim, qk_norm_eps)
@@ -141,46 +135,31 @@ class Attention(nn.Module):
         if freqs is not None:
             q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-        mask = None
         if self.kv_cache is not None:
-            k, v, mask = self.kv_cache.update(pos, k, v)  # (B, H_kv, n, D) x 2, (S, n) or None
-            if S == 1 and mask is None and x.device.type == "cpu" and torch.compiler.is_compiling():
-                return self.wo(one_query_attention(q, k, v).transpose(1, 2).reshape(B, S, -1))
-        # Without a mask the S rows start at key position 0 (always in training), where causal = lower-triangular.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-                                           dropout_p=self.attn_dropout_p if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+            y = self.kv_cache.attend(q, k, v, pos)
+        else:  # training and teacher forcing: the S rows from position 0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=self.n_kv_head != self.n_head,
+                                               dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). While decoding on a CPU, w1 and w3 run as one GEMM through a pack of both."""
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, dim: int, hidden: int, dropout_p: float = 0.0):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = Linear(hidden, dim, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
         self.ffn_dropout = nn.Dropout(dropout_p)
-        self._pack, self.packed = WeightPack(), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if serves(self.packed, x):
-            gate, up = packed_linear(x, self.packed, None).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.ffn_dropout(self.w2(F.silu(gate) * up))
-
-    def attach_pack(self, on: bool, keep: bool = True) -> None:
-        """The pack of w1 and w3 stacked (see gpt.packed.Linear.attach_pack)."""
-        self.packed = self._pack.get(self.w1.weight, self.w3.weight) if on else None
-        if not on and not keep:
-            self._pack.clear()
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 def ada_lin(dim: int, n: int) -> nn.Sequential:
     """adaLN modulation: class embedding (B, 1, dim) -> n vectors of dim, SiLU then Linear (IBQ-AR's `ada_lin`)."""
-    return nn.Sequential(nn.SiLU(), Linear(dim, n * dim))
+    return nn.Sequential(nn.SiLU(), nn.Linear(dim, n * dim))
 
 
 class Block(nn.Module):

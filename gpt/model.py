@@ -1,8 +1,9 @@
-"""LlamaGen-style class-conditional GPT over MGVQ group codes, with a parallel or an autoregressive sub-token head.
+"""LlamaGen-style class-conditional GPT over G groups of codes, with a sub-token head picked by name (gpt.heads).
 
 The sequence is [class token, code_0, ..., code_{L-2}]; the hidden state at index t predicts the G sub-tokens of
 image position t. Training runs `forward` (teacher forcing); generation runs the cached path: `setup_cache`,
-`prefill`, then per position `decode_step` and G calls of `sub_logits`. Sampling policy lives in `sampling`.
+`prefill`, then per position `decode_step` and G calls of `sub_logits`. Sampling policy lives in `sampling`, and
+so do the speed tricks of decoding (sampling.decoding), attached from outside.
 """
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from gpt.config import GPTConfig
-from gpt.heads import ARHead, FactorizedHead, ParallelHead
+from gpt.heads import HEADS
 from gpt.layers import Attention, Block, FeedForward, KVCache, LabelEmbedding, RMSNorm, ada_lin, rope_2d
-from gpt.packed import Linear
 
 
 class GPT(nn.Module):
@@ -32,8 +32,8 @@ class GPT(nn.Module):
                                  f"{shape} (groups*codes per group, codebook_embed_dim/groups)")
             self.register_buffer("codebook", codebook.detach().clone().float())
             self.img_projector = nn.Sequential(
-                Linear(c.codebook_embed_dim, c.dim // 2, bias=False), nn.GELU(),
-                Linear(c.dim // 2, c.dim, bias=False), nn.LayerNorm(c.dim))
+                nn.Linear(c.codebook_embed_dim, c.dim // 2, bias=False), nn.GELU(),
+                nn.Linear(c.dim // 2, c.dim, bias=False), nn.LayerNorm(c.dim))
         else:
             # One table per group, summed: the same as G nn.Embedding(K, dim) and as a linear map of the G one-hot
             # codes concatenated, without a projection to learn or run.
@@ -46,17 +46,10 @@ class GPT(nn.Module):
             Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, resid_p),
                   FeedForward(c.dim, c.ffn_hidden, ffn_p), c.norm_eps, p, c.class_adaln)
             for p in drop_paths)
-        # The factorized head normalises its own outputs; the trunk then has no final norm (as Open-MAGVIT2).
-        self.norm = nn.Identity() if c.head == "factorized" else RMSNorm(c.dim, c.norm_eps)
+        self.head = HEADS[c.head](c)
+        self.norm = RMSNorm(c.dim, c.norm_eps) if self.head.trunk_norm else nn.Identity()
         self.norm_ada_lin = ada_lin(c.dim, 2) if c.class_adaln else None  # scale, shift of the final norm
         self.cond: torch.Tensor | None = None  # the class embedding (B, 1, dim) of a cached generation (adaLN)
-        if c.head == "factorized":
-            self.head = FactorizedHead(c)
-        elif c.head == "ar":
-            self.head = ARHead(c.dim, c.group_sizes, c.ar_head_layers, c.norm_eps)
-        else:
-            self.head = ParallelHead(c.dim, c.group_sizes)
-        self._kept_caches = None  # ((batch, dtype, device), KV caches) of the last generation, see setup_cache
         self.init_buffers()
         self.init_weights()
 
@@ -67,11 +60,10 @@ class GPT(nn.Module):
         self.register_buffer("freqs_cis", rope_2d(c.grid_size, c.head_dim, c.rope_base).to(device), persistent=False)
         offsets = torch.tensor([0, *c.group_sizes[:-1]], device=device).cumsum(0)
         self.register_buffer("code_offsets", offsets, persistent=False)
-        if hasattr(self.head, "init_buffers"):
-            self.head.init_buffers()
+        self.head.init_buffers()
 
     def init_weights(self) -> None:
-        """LlamaGen's init: N(0, initializer_range) linears and embeddings, zero parallel heads (uniform start)."""
+        """LlamaGen's init: N(0, initializer_range) linears and embeddings, then the head's own (gpt.heads)."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -86,14 +78,7 @@ class GPT(nn.Module):
                     layer.ada_lin[1].weight[:2 * dim].mul_(1e-3)
                     layer.ada_lin[1].weight[2 * dim:].mul_(0.5)
                 self.norm_ada_lin[1].weight.mul_(0.5)
-        if isinstance(self.head, ParallelHead):
-            nn.init.zeros_(self.head.proj.weight)
-        elif self.config.head == "factorized":
-            for head in self.head.heads:
-                nn.init.zeros_(head.weight)
-        else:
-            nn.init.zeros_(self.head.pos_emb)
-            nn.init.normal_(self.head.sos, std=0.02)
+        self.head.init_weights()
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, S, G) -> input vectors (B, S, dim)."""
@@ -104,6 +89,10 @@ class GPT(nn.Module):
             rows = self.codebook[idx].flatten(-2)
             return self.img_projector(rows.to(self.img_projector[0].weight.dtype))
         return self.tok_embeddings(idx).sum(-2)
+
+    def embed_subs(self, codes: torch.Tensor, first: int) -> torch.Tensor:
+        """Sub-tokens (..., n) of groups first .. first+n-1 -> their rows of the learned input table (..., n, dim)."""
+        return self.tok_embeddings(codes + self.code_offsets[first:first + codes.shape[-1]])
 
     def final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """RMSNorm before the head, modulated by the class embedding cond (B, 1, dim) with class_adaln."""
@@ -129,50 +118,24 @@ class GPT(nn.Module):
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, G, V) in float32 of codes (B, L, G) int64 given labels (B,)."""
-        h = self.trunk(codes, labels)
-        if self.config.head == "factorized":  # its inputs are the trunk's embeddings of sub-tokens 0..G-2
-            offsets = self.code_offsets[:-1]
-            return self.head(h, self.tok_embeddings(codes[..., :-1] + offsets)).float()
-        return self.head(h, codes).float()
+        return self.head(self.trunk(codes, labels), codes, self.embed_subs).float()
 
     # Cached generation: the caller owns the loop and the sampling policy.
 
-    def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None) -> None:
-        """Attach KV caches (trunk and head) and, on a CPU, packed weights (gpt.packed). The buffers of the last
-        `clear_cache` are reused when batch, dtype and device match, so a compiled step sees the same addresses
-        batch after batch (CUDA graphs re-record on new ones); `clear_cache(keep=False)` frees them."""
+    def setup_cache(self, max_batch_size: int, dtype: torch.dtype | None = None,
+                    cache: type[KVCache] = KVCache) -> None:
+        """Attach KV caches of kind `cache` to the trunk and the head (dtype: the weights' by default)."""
         c, weight = self.config, self.cls_embedding.embedding_table.weight
-        dtype, device = dtype or weight.dtype, weight.device
-        self._attach_packs(True)
-        attentions = [m for m in self.modules() if isinstance(m, Attention)]
-        if self._kept_caches is not None and self._kept_caches[0] == (max_batch_size, dtype, device):
-            for attention, cache in zip(attentions, self._kept_caches[1]):
-                attention.kv_cache = cache
-            return
-        self._kept_caches = None
+        dtype = dtype or weight.dtype
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype, device)
-        self.head.setup_cache(max_batch_size, dtype)
+            layer.attention.kv_cache = cache(max_batch_size, c.kv_heads, c.seq_len, c.head_dim, dtype, weight.device)
+        self.head.setup_cache(max_batch_size, dtype, cache)
 
-    def clear_cache(self, keep: bool = True) -> None:
-        """Detach the KV caches (the model is a plain training/forward model again); `keep`: hold the buffers for
-        the next setup_cache of the same batch, dtype and device."""
-        cache = self.layers[0].attention.kv_cache
-        attentions = [m for m in self.modules() if isinstance(m, Attention)]
-        if keep and cache is not None:
-            key = (cache.k_cache.shape[0], cache.k_cache.dtype, cache.k_cache.device)
-            self._kept_caches = (key, [attention.kv_cache for attention in attentions])
-        else:
-            self._kept_caches = None
-        for attention in attentions:
+    def clear_cache(self) -> None:
+        """Detach the KV caches: the model is a plain training/forward model again."""
+        for attention in (m for m in self.modules() if isinstance(m, Attention)):
             attention.kv_cache = None
-        self._attach_packs(False, keep)
         self.cond = None
-
-    def _attach_packs(self, on: bool, keep: bool = True) -> None:
-        for m in self.modules():
-            if hasattr(m, "attach_pack"):
-                m.attach_pack(on, keep)
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Run the class position; return the hidden (B, dim) that predicts image position 0."""
@@ -205,9 +168,6 @@ class GPT(nn.Module):
         return self.final_norm(x[:, -1:], cond)[:, 0]  # (B, dim)
 
     def sub_logits(self, h: torch.Tensor, g: int, prev_sub: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits (B, V) of sub-token g at the current position. The ar head needs, for g > 0, the
-        sub-token g-1 the caller sampled (B,); the parallel head ignores it."""
-        if self.config.head == "factorized":
-            prev = None if g == 0 else self.tok_embeddings(prev_sub + self.code_offsets[g - 1])
-            return self.head.sub_logits(h, g, prev)
-        return self.head.sub_logits(h, g, prev_sub)
+        """float32 logits (B, V_g) of sub-token g at the current position. Heads with sub-token inputs need, for
+        g > 0, the sub-token g-1 the caller sampled (B,); the parallel head ignores it."""
+        return self.head.sub_logits(h, g, prev_sub, self.embed_subs)

@@ -74,7 +74,7 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     per_group = meta["codes_per_group"]  # an int, or one per group (Open-MAGVIT2: [64, 4096])
     from_store = {
         "codebook_groups": dataset.groups,
-        "codebook_size": [int(k) for k in per_group] if isinstance(per_group, list) else int(per_group),
+        "codes_per_group": [int(k) for k in per_group] if isinstance(per_group, list) else int(per_group),
         "grid_size": h,
         "codebook_embed_dim": codebook_dim,
     }

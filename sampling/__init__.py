@@ -1,12 +1,15 @@
 """Sampling: KV-cached generation of codes, images from codes, sample files, and their evaluation.
 
-The names below are imported on first use (PEP 562), so that `sampling.metrics` (evaluation, which needs no GPT
-nor tokenizer) imports without building the sampler's stack.
+`Sampler` and `SamplerConfig` are imported on first use (PEP 562), so that `sampling.metrics` (evaluation, which
+needs no tokenizer) imports without building every tokenizer family. `generate` is imported here: a lazy name
+would be shadowed by its own submodule, `sampling.generate`, once that is imported.
 """
 import importlib
 
-_WHERE = {"generate": "sampling.generate", "Sampler": "sampling.sampler", "SamplerConfig": "sampling.sampler"}
-__all__ = list(_WHERE)
+from sampling.generate import generate
+
+_WHERE = {"Sampler": "sampling.sampler", "SamplerConfig": "sampling.sampler"}
+__all__ = ["generate", *_WHERE]
 
 
 def __getattr__(name: str):

@@ -1,8 +1,10 @@
-"""KV-cached autoregressive sampling of MGVQ group codes: filters, classifier-free guidance, the loop.
+"""KV-cached autoregressive sampling of codes (G sub-tokens per position, any tokenizer family): filters,
+classifier-free guidance, the loop.
 
-Every function here is pure (no global state, no global RNG in the loop). Randomness comes from a
-counter-based hash of (sample seed, position, group), so a sample's codes depend only on its label, its seed
-and the settings: never on the other samples of its batch, the batch size or the number of processes.
+No global RNG in the loop: randomness comes from a counter-based hash of (sample seed, position, group), so a
+sample's codes depend only on its label, its seed and the settings: never on the other samples of its batch, the
+batch size or the number of processes. What persists between calls changes no result: the compiled step per
+device type (`_COMPILED`), and each model's KV caches and packs (sampling.decoding).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import types
 from collections.abc import Callable, Sequence
 
 import torch
+
+from sampling import decoding
 
 CFG_SCHEDULES = ("constant", "linear")
 _M32 = 0xFFFFFFFF
@@ -348,7 +352,7 @@ def _decode(model, labels: torch.Tensor, draws: torch.Tensor, scales: torch.Tens
     # On a CPU a guidance phase's later positions run its graph without guard checks (see `unguarded`): within
     # this loop only the position and the input codes change between them.
     phase_graphs: dict[bool, Callable] = {}
-    model.setup_cache(labels.shape[0])
+    decoding.attach(model, labels.shape[0])
     try:
         for t in range(L):
             guided = t < guided_until
@@ -371,5 +375,5 @@ def _decode(model, labels: torch.Tensor, draws: torch.Tensor, scales: torch.Tens
             codes[:, t] = out
             bad |= nonfinite
     finally:
-        model.clear_cache()
+        decoding.detach(model)
     return codes, bad

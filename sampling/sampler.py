@@ -98,11 +98,11 @@ def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[
     tokenizer = files.tokenizer.load()
     config, t = None, tokenizer.config
     if files.gpt_official is not None and "preset" in files.gpt_official:
-        config = GPTConfig.single_codebook(codebook_size=t.codes_per_group, **files.gpt_official)
+        config = GPTConfig.single_codebook(codes_per_group=t.codes_per_group, **files.gpt_official)
     elif files.gpt_official is not None and files.tokenizer.family == "open_magvit2":
         config = GPTConfig.from_open_magvit2({"factorized_bits": t.factorized_bits, **files.gpt_official})
     elif files.gpt_official is not None:
-        config = GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
+        config = GPTConfig.from_official_mgvq({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
                                           "codebook_embed_dim": t.latent_channels, **files.gpt_official})
     gpt = load_gpt(files.gpt_ckpt, config, codebook=tokenizer.codebook())
     if gpt.config.group_sizes != group_sizes(t):

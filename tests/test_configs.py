@@ -75,7 +75,7 @@ def test_model_presets_leave_the_store_fields_unset(repo, name, hydra_presets):
     cfg = composed(repo, "train_gpt", [f"model={name}", "data.codes_dir=x", "tokenizer.checkpoint=t", "out_dir=y"])
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)).model
     assert model == GPTConfig.named_presets()[name]
-    assert all(getattr(model, f) is None for f in ("num_classes", "codebook_groups", "codebook_size", "grid_size"))
+    assert all(getattr(model, f) is None for f in ("num_classes", "codebook_groups", "codes_per_group", "grid_size"))
     assert model.norm_eps == 1e-5
 
 
