@@ -268,13 +268,19 @@ def unguarded(compiled, args: tuple, kwargs: dict, also: dict | None = None) -> 
     return None
 
 
+def check_cfg_scale(cfg_scale: float | Sequence[float]) -> None:
+    """Raise unless every scale is >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's samplers, which apply
+    guidance only above 1."""
+    if min(cfg_scale if isinstance(cfg_scale, (list, tuple)) else [cfg_scale]) < 1.0:
+        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
+                         f"samplers, which apply guidance only above 1")
+
+
 def _scale_table(G: int, L: int, cfg_scale, cfg_interval: float, cfg_schedule: str) -> tuple[torch.Tensor, int]:
     """The guidance scale per position and group (L, G) float32, and n: positions [0, n) run both CFG halves,
     from n on only the conditional rows (guidance is off there)."""
     group_scales = per_group(cfg_scale, G, "cfg_scale")
-    if any(scale < 1.0 for scale in group_scales):
-        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
-                         f"samplers, which apply guidance only above 1")
+    check_cfg_scale(cfg_scale)
     scales = torch.tensor([[cfg_scale_at(t, L, scale, cfg_interval, cfg_schedule) for scale in group_scales]
                            for t in range(L)], dtype=torch.float32)
     if all(scale == 1.0 for scale in group_scales):

@@ -129,11 +129,15 @@ def test_compiled_graphs_run_the_packed_gemm(bf16):
     torch.testing.assert_close(inductor, eager, rtol=0, atol=0)
 
 
-def test_generate_runs_on_packs_and_leaves_none_behind():
+def tiny_gpt(head: str) -> GPT:
     torch.manual_seed(0)
     config = GPTConfig.preset("tiny", codebook_groups=2, codes_per_group=16, grid_size=2, num_classes=10,
-                              codebook_embed_dim=8, head="parallel", input_embedding="codebook")
-    model = GPT(config, codebook=torch.randn(32, 4)).eval()
+                              codebook_embed_dim=8, head=head, input_embedding="codebook")
+    return GPT(config, codebook=torch.randn(32, 4)).eval()
+
+
+def test_generate_runs_on_packs_and_leaves_none_behind():
+    model = tiny_gpt("parallel")
     before = {name: type(m) for name, m in model.named_modules()}
     with OpLog() as log:
         generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1]))
@@ -188,10 +192,7 @@ def test_packs_swap_twins_sharing_the_parameters_in_and_out_and_hold_no_model():
     import gc
     import weakref
 
-    torch.manual_seed(0)
-    config = GPTConfig.preset("tiny", codebook_groups=2, codes_per_group=16, grid_size=2, num_classes=10,
-                              codebook_embed_dim=8, head="ar", input_embedding="codebook")
-    model = GPT(config, codebook=torch.randn(32, 4)).eval()
+    model = tiny_gpt("ar")
     types = {name: type(m) for name, m in model.named_modules()}
     params = dict(model.named_parameters())
     packs = Packs(model)
