@@ -23,7 +23,7 @@ OFFICIAL_WEIGHT_KEYS = ("model", "ema", "state_dict", "module")  # where officia
 _QKV = ("query", "key", "value")
 
 
-def from_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def from_official_mgvq_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Official MGVQ GPT state dict -> this model's (head="ar", input_embedding="codebook"; no codebook)."""
     groups = config.codebook_groups
     out, qkv = {}, {}
@@ -80,7 +80,7 @@ def from_open_magvit2_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig)
     return out
 
 
-def to_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def to_official_mgvq_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """This model's state dict -> the official MGVQ layout (zero adaLN weights, pos_emb zero-padded to L rows).
 
     The padding is what official training leaves there: pos_emb starts at zero and unused rows get no gradient.
@@ -167,7 +167,7 @@ def _official_weights(blob: dict, path: Path, config: GPTConfig | None) -> dict:
                          f"GPTConfig.from_open_magvit2({{...}}) (its yaml's transformer_config.params) for Open-MAGVIT2, "
                          f"GPTConfig.from_official_mgvq({{...}}) for MGVQ")
     translate = {"Open-MAGVIT2": from_open_magvit2_state_dict, "IBQ-AR": lambda sd, c: from_ibq_state_dict(sd),
-                 "LlamaGen": lambda sd, c: from_llamagen_state_dict(sd), "MGVQ": from_official_state_dict}
+                 "LlamaGen": lambda sd, c: from_llamagen_state_dict(sd), "MGVQ": from_official_mgvq_state_dict}
     return translate[layout](sd, config)
 
 

@@ -23,6 +23,7 @@ from gpt.model import GPT
 from tokenizer.base import group_sizes
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
+from tokenizer.common.settings import flatten
 from tokenizer.loading import TokenizerRef, read_codebook
 from tokenizer.registry import get_family
 
@@ -233,7 +234,5 @@ def export_model(trainer: Trainer, model: nn.Module, model_cfg: GPTConfig, state
 
 def _flat_hparams(cfg: TrainConfig) -> dict:
     """Trackers take flat scalars and strings."""
-    from tokenizer.common.settings import flatten
-
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for k, v in flatten(dataclasses.asdict(cfg)).items()}

@@ -293,7 +293,7 @@ class SampleRunConfig(ModelFiles):
 
 def run(cfg: SampleRunConfig) -> Path:
     """Draw cfg.num_samples on every process accelerate gives us; returns the .npz path."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy: only the script entry point needs it
 
     accelerator = Accelerator()
     sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)

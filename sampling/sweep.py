@@ -120,7 +120,7 @@ def sweep(cfg: SweepConfig, draw: Callable[[float, int, Path], Path], identity: 
 
 def run(cfg: SweepConfig) -> list[dict]:
     """The sweep with the sampler `cfg` describes, on every process accelerate gives us."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy: only the script entry point needs it
 
     accelerator = Accelerator()
     sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)

@@ -6,7 +6,7 @@ import torch
 
 from gpt import GPT, GPTConfig, load_gpt
 from gpt.config import PRESETS
-from gpt.loading import from_official_state_dict, to_official_state_dict
+from gpt.loading import from_official_mgvq_state_dict, to_official_mgvq_state_dict
 
 OFFICIAL_SIZES = {"B": "gpt_b", "L": "gpt_l", "XL": "gpt_xl", "XXL": "gpt_xxl"}
 DESIGN_PARAMS_G4 = {"B": 138.9e6, "L": 398.2e6, "XL": 866.3e6, "XXL": 1547.9e6}  # DESIGN.md 4.2
@@ -36,13 +36,13 @@ def test_official_manifest_on_meta(golden, size, groups):
     config = manifest_config(size, groups)
     with torch.device("meta"):
         model = GPT(config)
-    official = to_official_state_dict(model.state_dict(), config)
+    official = to_official_mgvq_state_dict(model.state_dict(), config)
     assert {k: tuple(v.shape) for k, v in official.items()} == shapes
     assert sum(v.numel() for v in official.values()) == count
     if groups == 4:
         assert round(count / 1e5) == round(DESIGN_PARAMS_G4[size] / 1e5)
     # The other way: official tensors (meta, manifest shapes) load strictly into the model.
-    state = from_official_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}, config)
+    state = from_official_mgvq_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}, config)
     state["codebook"] = torch.empty(config.codebook_groups * config.codes_per_group, 32 // groups, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     # What the model holds beyond the trunk: the codebook buffer, no adaLN, G+1 position rows.
@@ -100,7 +100,7 @@ def test_official_wrappers_and_export_round_trip(golden, tmp_path, tiny_official
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-4 * expected["logits"].abs().max().item())
     # Exporting back to the official layout gives the official tensors (pos_emb: the G+1 rows in use, zeros after).
     original = torch.load(golden / "gpt_tiny.pt", weights_only=True)["model"]
-    exported = to_official_state_dict(model.state_dict(), config)
+    exported = to_official_mgvq_state_dict(model.state_dict(), config)
     assert set(exported) == set(original)
     for key, value in exported.items():
         if "adaLN" in key:
