@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from gpt.layers import Attention, KVCache
-from gpt.packed import CPUKVCache, Packs
+from gpt.packed import CPUKVCache, Packs, packing_available
 
 
 @dataclass
@@ -30,7 +30,7 @@ def attach(model: nn.Module, batch: int) -> None:
     kept = _KEPT.setdefault(model, _Kept())
     weight = next(model.parameters())
     cpu = weight.device.type == "cpu"
-    if cpu and torch.backends.mkldnn.is_available():
+    if cpu and packing_available():
         kept.packs = kept.packs or Packs(model)
         kept.packs.attach()
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
