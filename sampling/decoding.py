@@ -7,7 +7,6 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 
 from gpt.layers import Attention, KVCache
