@@ -46,10 +46,11 @@ class GPT(nn.Module):
             Block(c.dim, Attention(c.dim, c.n_head, c.kv_heads, c.attn_dropout_p, resid_p),
                   FeedForward(c.dim, c.ffn_hidden, ffn_p), c.norm_eps, p, c.class_adaln)
             for p in drop_paths)
-        self.head = HEADS[c.head](c)
-        self.norm = RMSNorm(c.dim, c.norm_eps) if self.head.trunk_norm else nn.Identity()
+        head = HEADS[c.head]
+        self.norm = RMSNorm(c.dim, c.norm_eps) if head.trunk_norm else nn.Identity()
         self.norm_ada_lin = ada_lin(c.dim, 2) if c.class_adaln else None  # scale, shift of the final norm
         self.cond: torch.Tensor | None = None  # the class embedding (B, 1, dim) of a cached generation (adaLN)
+        self.head = head(c)  # built last: module order (and so a seeded init) as before heads had their own file
         self.init_buffers()
         self.init_weights()
 
