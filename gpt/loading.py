@@ -171,6 +171,12 @@ def _official_weights(blob: dict, path: Path, config: GPTConfig | None) -> dict:
     return translate[layout](sd, config)
 
 
+def read_official_weights(path: str | Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The weights of an official GPT file in this model's names, not loaded (memory-mapped where the file allows):
+    what load_gpt would load, for a caller that checks keys and shapes first."""
+    return _official_weights(_read(Path(path)), Path(path), config)
+
+
 def _model_fields(config: GPTConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in TRAINING_ONLY}
 
