@@ -6,12 +6,12 @@ import torch
 from conftest import randomised
 from test_configs import tokenizer_ref
 
-from tokenizer import TokenizerRef, save_tokenizer
-from tokenizer.families import family_of, load_tokenizer, named_refs
-from tokenizer.magvit2 import lfq_quantize
+from tokenizer.families.magvit2 import lfq_quantize
+from tokenizer.families.mergevq import MergeVQ, MergeVQConfig
+from tokenizer.families.mergevq.tome import merge_schedule, tokens_left
+from tokenizer.loading import TokenizerRef, load_tokenizer, named_refs, save_tokenizer
 from tokenizer.merged import unmerge
-from tokenizer.mergevq import MergeVQ, MergeVQConfig
-from tokenizer.mergevq.tome import merge_schedule, tokens_left
+from tokenizer.registry import family_of
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mergevq" / "tokenizer.pt"
 TINY = {"ch": 32, "ch_mult": [1, 1], "num_res_blocks": 1, "num_att_blocks": 3, "num_heads": 2, "z_channels": 5,

@@ -6,13 +6,12 @@ import torch
 from test_open_magvit2_e2e import train_two_ranks
 
 from sampling.sampler import SampleRunConfig, SamplerConfig, run
-from tokenizer import save_tokenizer
-from tokenizer.config import TokenizerRef
 from tokenizer.data import ImageViews, list_images
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
-from tokenizer.magvit2 import Magvit2Config, OpenMagvit2
+from tokenizer.families.magvit2 import Magvit2Config, OpenMagvit2
+from tokenizer.families.mergevq import MergeVQ, MergeVQConfig
+from tokenizer.loading import TokenizerRef, save_tokenizer
 from tokenizer.merged import unmerge
-from tokenizer.mergevq import MergeVQ, MergeVQConfig
 from tokenizer.recon import ReconConfig, ReconDataConfig, eval_recon
 from tokenizer.store import CodeStore, StoreMismatchError
 
@@ -56,7 +55,7 @@ def test_extract_train_sample_recon(tokenizer, tmp_path, golden, repo, fresh_acc
     log = train_two_ranks(repo, store_dir, tokenizer.checkpoint, tmp_path / "gpt", "factorized")
     assert [r["num_processes"] for r in log] == [2, 2] and log[-1]["loss"] < log[0]["loss"]
     config = torch.load(tmp_path / "gpt" / "export" / "model.pt", weights_only=True)["config"]
-    assert (config["codebook_size"], config["head"]) == ([64, 4096], "factorized")
+    assert (config["codes_per_group"], config["head"]) == ([64, 4096], "factorized")
     npz = run(SampleRunConfig(gpt_ckpt=str(tmp_path / "gpt" / "export" / "model.pt"), tokenizer=tokenizer,
                               sampler=SamplerConfig(cfg_scale=1.5, top_k=[16, 64]), out_dir=str(tmp_path / "samples"),
                               num_samples=4, batch_size=2))

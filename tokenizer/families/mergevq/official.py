@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import os
 
-from tokenizer.common.io import load_weights_file
-from tokenizer.magvit2 import ema_by_raw_names
+from tokenizer.base import check_weights_choice
+from tokenizer.families.magvit2 import ema_by_raw_names
 
-WEIGHT_CHOICES = ("auto", "ema", "raw")
 SKIPPED = ("loss.", "dist_model.")  # training-only modules
 MODEL = ("encoder.", "decoder.")
 EMA = "model_ema."
 EMA_COUNTERS = ("decay", "num_updates")
 
 
-def _state_dict(path) -> dict:
-    ckpt = load_weights_file(path, "MergeVQ checkpoint")
-    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+def _state_dict(blob: dict, path) -> dict:
+    sd = blob.get("state_dict")
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     unknown = sorted(k for k in sd if not k.startswith(MODEL + SKIPPED + (EMA,)))
@@ -30,13 +28,12 @@ def _state_dict(path) -> dict:
     return sd
 
 
-def read_weights(path: str | os.PathLike, weights: str = "auto") -> tuple[dict, str]:
-    """The tokenizer's weights in MergeVQ's key names, and which set: "raw", "ema", or "auto" = raw, what MergeVQ's
+def read_official(blob: dict, path: str | os.PathLike, weights: str = "auto") -> tuple[dict, str]:
+    """The tokenizer's weights of an official checkpoint `blob` (read from `path`) in MergeVQ's key names, and which set: "raw", "ema", or "auto" = raw, what MergeVQ's
     stage 2 encodes and decodes with (its configs load the tokenizer with use_ema: False). Keys are checked
     strictly by the caller; EMA names that match no raw weight, and raw weights without EMA, fail here."""
-    if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_CHOICES}")
-    sd = _state_dict(path)
+    check_weights_choice(weights)
+    sd = _state_dict(blob, path)
     raw = {k: v for k, v in sd.items() if k.startswith(MODEL)}
     if not raw:
         raise ValueError(f"{path}: no encoder./decoder. weights in its state_dict")

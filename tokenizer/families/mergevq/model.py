@@ -3,7 +3,7 @@ lookup-free quantizer on the K merged tokens, and a decoder that copies each mer
 it covers, then runs a ViT (depthwise-conv position and MLP terms) and Open-MAGVIT2's AdaGN / depth-to-space levels.
 
 Parameter names follow the official `model_mergevq.py` MergeVQEncoder / MergeVQDecoder (timm ViT blocks), so their
-Lightning checkpoints load strictly (tokenizer.mergevq.official). Codes come in two forms:
+Lightning checkpoints load strictly (tokenizer.families.mergevq.official). Codes come in two forms:
 - on the grid, (B, h, w, G): each position carries the code of the merged token covering it (what MergeVQ's stage 2
   trains Open-MAGVIT2's factorized GPT on, and what this project's store, GPT and sampler read);
 - merged, (B, K, G) codes in merge order plus a token map (B, h, w): which merged token covers each position
@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.magvit2 import LFQTokenizer, Magvit2Config, down_levels, group_norm, lfq_quantize, up_levels
+from tokenizer.base import IMAGE_CHANNELS, CodeTokenizer, check_images
+from tokenizer.families.magvit2 import (Magvit2Config, down_levels, group_norm, lfq_grid_latent, lfq_quantize,
+                                        up_levels)
+from tokenizer.families.mergevq.tome import Merge, merge_schedule, tokens_left
 from tokenizer.merged import check_token_map, unmerge
-from tokenizer.mergevq.tome import Merge, merge_schedule, tokens_left
-from tokenizer.model import IMAGE_CHANNELS, check_images
 
 DIST_HEADS = (None, "layer3", "mlp")  # the official dist_head 'layer3', True (-> "mlp"), or none
 LAYER_SCALE_INIT = 1e-5
@@ -236,19 +237,38 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-class MergeVQ(LFQTokenizer):
+class MergeVQ(CodeTokenizer):
     """MergeVQ tokenizer. Images are float (B, 3, H, W) in [-1, 1]; grid codes (B, h, w, G) of sub-tokens with
-    2**factorized_bits[g] values (decode_codes, dequantize: tokenizer.magvit2.LFQTokenizer); merged codes (B, K, G)
-    with a token map (B, h, w)."""
+    2**factorized_bits[g] values; merged codes (B, K, G) with a token map (B, h, w). Its `encode` gives the merged
+    latent (B, K, Z) and the token map (B, h, w)."""
 
     def __init__(self, config: MergeVQConfig):
-        super().__init__(config, Encoder(config), Decoder(config))
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (pre-quantization latent of the merged tokens (B, K, Z), token map (B, h, w))."""
-        check_images(x, self.downsample)
         latent, _, token_map = self.encoder(x)
         return latent, token_map
+
+    def codes_of(self, encoded: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(merged latent, token map) -> grid codes (B, h, w, G): each position the code of its merged token."""
+        latent, token_map = encoded
+        return unmerge(lfq_quantize(latent, self.config.factorized_bits), token_map)
+
+    def latent_of(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
+        """Grid codes (B, h, w, G) -> latent (B, Z, h, w) of +-1; channels of groups >= groups_to_use are 0."""
+        return lfq_grid_latent(codes, self.config, groups_to_use)
+
+    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+        """Quantized grid latent (B, Z, h, w) -> images, unclamped."""
+        return self.decoder(quant)
+
+    def codebook(self) -> None:
+        """None: LFQ has no code table to hand a GPT; the GPT learns its own code embeddings."""
+        return None
 
     def distill_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The distillation head on the encoder's class token (B, num_classes): what training matches to a teacher."""
@@ -266,11 +286,6 @@ class MergeVQ(LFQTokenizer):
         """Images -> (merged codes (B, K, G) int64 in merge order, token map (B, h, w) int64)."""
         latent, token_map = self.encode(x)
         return lfq_quantize(latent, self.config.factorized_bits), token_map
-
-    @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> grid codes (B, H/f, W/f, G) int64."""
-        return unmerge(*self.encode_merged(x))
 
     @torch.no_grad()
     def decode_merged(self, codes: torch.Tensor, token_map: torch.Tensor,

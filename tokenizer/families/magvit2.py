@@ -2,7 +2,7 @@
 with depth-to-space upsampling and adaptive group norm conditioned on the quantized code map.
 
 Parameter names follow the official `improved_model.py` Encoder / Decoder, so the released Lightning checkpoints
-load strictly (`read_weights`). A latent of C channels quantizes to C signs; they are split into G sub-tokens of
+load strictly (`read_official`). A latent of C channels quantizes to C signs; they are split into G sub-tokens of
 `factorized_bits` bits each (channels in order, the first channel of a group its least significant bit), the
 factorization the released AR models predict: [6, 12] is a 64-code then a 4096-code sub-token.
 """
@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.common.io import load_weights_file
 from tokenizer.common.settings import known_fields, preset_fields
-from tokenizer.model import IMAGE_CHANNELS, check_images
+from tokenizer.base import IMAGE_CHANNELS, CodeTokenizer
 
 NORM_GROUPS = 32
 EPS = 1e-6
@@ -40,6 +39,7 @@ class Magvit2Config:
 
     PRESETS: ClassVar[dict] = PRESETS
     NAME: ClassVar[str] = "Open-MAGVIT2"
+
     ch: int = 128
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 4
@@ -251,93 +251,65 @@ def lfq_quantize(latent: torch.Tensor, factorized_bits: list[int]) -> torch.Tens
     return codes.index_add_(-1, group, bits * weight)
 
 
-def lfq_dequantize(codes: torch.Tensor, factorized_bits: list[int], groups_to_use: int | None = None) -> torch.Tensor:
-    """Codes (..., G) -> channels-last latent (..., Z) of +-1 in float32; channels of groups >= groups_to_use are 0."""
-    group, weight = _bit_tables(factorized_bits, codes.device)
-    quant = ((codes[..., group] // weight) % 2).float() * 2 - 1
-    return quant if groups_to_use is None else quant * (group < groups_to_use)
+def lfq_grid_latent(codes: torch.Tensor, config: Magvit2Config, groups_to_use: int | None = None) -> torch.Tensor:
+    """Grid codes (B, h, w, G) -> latent (B, Z, h, w) of +-1 in float32; channels of groups >= groups_to_use are 0."""
+    G = config.codebook_groups
+    if codes.ndim != 4 or codes.shape[-1] != G:
+        raise ValueError(f"codes must be (B, h, w, {G}), got {tuple(codes.shape)}")
+    group, weight = _bit_tables(config.factorized_bits, codes.device)
+    quant = ((codes[..., group] // weight) % 2).float() * 2 - 1  # (B, h, w, Z)
+    if groups_to_use is not None:
+        quant = quant * (group < groups_to_use)
+    return quant.permute(0, 3, 1, 2).contiguous()
 
 
-class LFQTokenizer(nn.Module):
-    """What the LFQ families (Open-MAGVIT2, MergeVQ) share: a config with factorized_bits, an encoder, and a decoder
-    of the quantized grid latent. Grid codes are (B, h, w, G) sub-token indices, sub-token g in [0, 2**bits[g])."""
+class OpenMagvit2(CodeTokenizer):
+    """Open-MAGVIT2 tokenizer. Images are float (B, 3, H, W) in [-1, 1]; codes are (B, h, w, G) sub-token indices,
+    sub-token g taking values in [0, 2**factorized_bits[g])."""
 
-    def __init__(self, config: Magvit2Config, encoder: nn.Module, decoder: nn.Module):
+    def __init__(self, config: Magvit2Config):
         super().__init__()
         self.config = config
-        self.encoder = encoder
-        self.decoder = decoder
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
 
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> pre-quantization latent (B, Z, H/f, W/f)."""
+        return self.encoder(x)
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
         """Quantized latent (B, Z, h, w) of +-1 (or 0 for dropped groups) -> images, unclamped."""
         return self.decoder(quant)
 
-    def dequantize(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
-        """Codes (B, h, w, G) -> latent (B, Z, h, w) of +-1; channels of groups >= groups_to_use are 0."""
-        G = self.config.codebook_groups
-        if codes.ndim != 4 or codes.shape[-1] != G:
-            raise ValueError(f"codes must be (B, h, w, {G}), got {tuple(codes.shape)}")
-        quant = lfq_dequantize(codes, self.config.factorized_bits, groups_to_use)
-        return quant.permute(0, 3, 1, 2).contiguous()
+    def codes_of(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent (B, Z, h, w) -> codes (B, h, w, G) (lfq_quantize)."""
+        return lfq_quantize(latent.permute(0, 2, 3, 1), self.config.factorized_bits)
 
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
-        """Codes (B, h, w, G) -> images (B, 3, h*f, w*f), unclamped. Groups >= groups_to_use contribute zeros."""
-        weight = self.decoder.conv_in.weight
-        quant = self.dequantize(codes.to(weight.device), groups_to_use)
-        return self.decode(quant.to(weight.dtype))
+    def latent_of(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
+        """Codes (B, h, w, G) -> latent (B, Z, h, w) of +-1; channels of groups >= groups_to_use are 0."""
+        return lfq_grid_latent(codes, self.config, groups_to_use)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (no straight-through estimator: this project does not train this family)."""
+        return self.decode(self.latent_of(self.codes_of(self.encode(x))))
 
     def codebook(self) -> None:
         """None: LFQ has no code table to hand a GPT; the GPT learns its own code embeddings."""
         return None
 
 
-class OpenMagvit2(LFQTokenizer):
-    """Open-MAGVIT2 tokenizer. Images are float (B, 3, H, W) in [-1, 1]; codes are (B, h, w, G) sub-token indices,
-    sub-token g taking values in [0, 2**factorized_bits[g])."""
-
-    def __init__(self, config: Magvit2Config):
-        super().__init__(config, Encoder(config), Decoder(config))
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> pre-quantization latent (B, Z, H/f, W/f)."""
-        check_images(x, self.downsample)
-        return self.encoder(x)
-
-    def quantize(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent (B, Z, h, w) -> codes (B, h, w, G) (lfq_quantize)."""
-        return lfq_quantize(latent.permute(0, 2, 3, 1), self.config.factorized_bits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (no straight-through estimator: this project does not train this family)."""
-        return self.decode(self.dequantize(self.quantize(self.encode(x))))
-
-    @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f, G) int64."""
-        return self.quantize(self.encode(x))
-
-
-WEIGHT_CHOICES = ("auto", "ema", "raw")
-
-
-def read_weights(path: str | os.PathLike, weights: str = "auto") -> tuple[dict, str]:
-    """The encoder/decoder weights of an official Lightning checkpoint, in OpenMagvit2's key names.
+def read_official(blob: dict, path: str | os.PathLike, weights: str = "auto") -> tuple[dict, str]:
+    """The encoder/decoder weights of an official Lightning checkpoint `blob` (read from `path`), in OpenMagvit2's
+    key names.
 
     `["state_dict"]` holds the raw weights under `encoder.` / `decoder.` (an AR checkpoint: under
     `first_stage_model.`) and, in a tokenizer checkpoint, their EMA under `model_ema.<name without dots>`.
-    weights: "ema", "raw", or "auto" (EMA where the file has it). The released AR models were trained on codes of
-    the raw weights and decode with them. Returns (state_dict, which); the discriminator, the EMA counters and an
-    AR file's transformer are left out, every other key must be the model's (the caller checks them strictly).
+    weights: "ema", "raw", or "auto" = raw: the official AR configs load the tokenizer with `use_ema: False`, so the
+    released AR models were trained on codes of the raw weights and decode with them. Returns (state_dict, which);
+    the discriminator, the EMA counters and an AR file's transformer are left out, every other key must be the
+    model's (the caller checks them strictly).
     """
-    if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_CHOICES}")
-    ckpt = load_weights_file(path, "tokenizer checkpoint")
-    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    sd = blob.get("state_dict")
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     prefix = "first_stage_model." if any(k.startswith("first_stage_model.encoder.") for k in sd) else ""
@@ -345,7 +317,7 @@ def read_weights(path: str | os.PathLike, weights: str = "auto") -> tuple[dict, 
     ema = {k[len("model_ema."):]: v for k, v in sd.items() if k.startswith(("model_ema.encoder", "model_ema.decoder"))}
     if not raw:
         raise ValueError(f"{path}: no encoder./decoder. weights in its state_dict")
-    if weights == "raw" or (weights == "auto" and not ema):
+    if weights != "ema":
         return raw, "raw"
     if not ema:
         raise ValueError(f"{path}: weights='ema' but the file has no model_ema.encoder*/decoder* entries "
