@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from tokenizer.common.io import sha256_file
-from tokenizer.common.precision import autocast_dtype, check_precision
+from tokenizer.common.precision import PRECISIONS, autocast_dtype, check_precision
 from tokenizer.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
 from tokenizer.families import group_sizes
@@ -39,7 +39,22 @@ class ExtractConfig:
     out_dir: str
     batch_size: int = 32  # images per step and process; the encoder sees batch_size * num_views crops
     num_workers: int = 4
-    precision: str = "fp32"  # fp32 | bf16 | fp16: encoder autocast on CUDA (codes can change where two are close); CPU runs fp32
+    # fp32 | bf16 | fp16 (fp16: CUDA only): the encoder under autocast, the code search in float32. Codes can
+    # change where two codes are nearly equally close; the store records the precision, so reruns must match it.
+    precision: str = "fp32"
+
+
+# Families whose encoders run faster channels_last on a CPU: oneDNN's NHWC convolutions run LlamaGen's VQ-16 encoder
+# 1.4x faster here with the same codes (README, benchmarks). The others are not measured and keep the default layout.
+CPU_CHANNELS_LAST = ("llamagen_vq", "ibq")
+
+
+def encoder_layout(device: torch.device, family: str) -> torch.memory_format:
+    return torch.channels_last if device.type == "cpu" and family in CPU_CHANNELS_LAST else torch.contiguous_format
+
+
+def native_cpu_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class BadImageError(RuntimeError):
@@ -84,7 +99,7 @@ def extract(cfg: ExtractConfig) -> dict:
     """Fill (or finish) the code store `cfg.out_dir`; returns its meta."""
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    precision = check_precision(cfg.precision) if device.type == "cuda" else "fp32"
+    precision = check_precision(cfg.precision, ("fp32", "bf16") if device.type == "cpu" else PRECISIONS)  # no CPU fp16
     checkpoint = cfg.tokenizer.require_checkpoint("the weights file the codes are made with")
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"tokenizer.checkpoint={checkpoint} is not a file")
@@ -111,8 +126,12 @@ def extract(cfg: ExtractConfig) -> dict:
     dataset = ImageViews(cfg.data.root, cfg.data.image_size, cfg.data.views, cfg.data.crop_range, files, labels)
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    model = (model or cfg.tokenizer.load()).to(device)
+    layout = encoder_layout(device, cfg.tokenizer.family)
+    model = (model or cfg.tokenizer.load()).to(device, memory_format=layout)
     dtype = autocast_dtype(precision)
+    if device.type == "cpu" and dtype is not None and not native_cpu_bf16():
+        print(f"warning: precision={precision} on a CPU without AVX512-BF16 or AMX: its bf16 convolutions are "
+              f"emulated and slower than fp32 (README, benchmarks)", flush=True)
     h, w = spec["grid"]
 
     # One bar on the main process for all ranks: it counts world_size images per image of its own slice.
@@ -121,8 +140,8 @@ def extract(cfg: ExtractConfig) -> dict:
     for index, x, _, errors in loader:
         B, A = x.shape[:2]
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            codes = model.encode_codes(x.flatten(0, 1).to(device, non_blocking=True))  # (B * A, h, w, G)
-        if codes.shape != (B * A, h, w, spec["groups"]):
+            codes = model.encode_codes(x.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=layout))
+        if codes.shape != (B * A, h, w, spec["groups"]):  # (B * A, h, w, G)
             raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, spec['groups'])}")
         codes = codes.view(B, A, h, w, -1).cpu().numpy().astype(spec["dtype"])
         index, bad = index.numpy(), np.array([bool(e) for e in errors])
