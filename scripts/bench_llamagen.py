@@ -257,18 +257,18 @@ def bench_agreement(args: argparse.Namespace) -> None:
         llamagen_vq_checkpoint(vq16, args.seed)
         cases = [("digits 16px, MGVQ digits " + ("trained" if args.digits_tokenizer else "random"),
                   TokenizerRef(config=MGVQConfig.named_presets()["digits"], checkpoint=str(digits)),
-                  tmp / "digits" / "train", 16),
+                  tmp / "digits" / "train", 16, 256),
                  (f"LlamaGen VQ-16 random, {args.images} images 256px",
                   TokenizerRef(config=VQGANConfig.preset("llamagen-vq16"), checkpoint=str(vq16), family="llamagen_vq"),
-                  tmp / "images", 256)]
-        for name, ref, root, size in cases:
+                  tmp / "images", 256, args.batch_size)]
+        for name, ref, root, size, batch_size in cases:
             stores = {}
             for precision in ("fp32", "bf16"):
                 AcceleratorState._reset_state(True)
                 stores[precision] = tmp / f"{root.name}_{precision}"
                 start = time.perf_counter()
                 extract(ExtractConfig(data=ExtractDataConfig(root=str(root), image_size=size, views="plain"),
-                                      tokenizer=ref, out_dir=str(stores[precision]), batch_size=args.batch_size,
+                                      tokenizer=ref, out_dir=str(stores[precision]), batch_size=batch_size,
                                       num_workers=0, precision=precision))
                 print(f"  {name} {precision}: {time.perf_counter() - start:.1f} s", flush=True)
             codes = np.asarray(CodeStore(stores["fp32"]).codes)
@@ -449,7 +449,7 @@ def main() -> None:
     p = sub.add_parser("agreement", help="bf16 vs fp32 codes of our extraction: digits, VQ-16 at 256px")
     p.add_argument("--digits-tokenizer", default=None, help="a trained digits tokenizer (random weights when omitted)")
     p.add_argument("--images", type=int, default=8, help="VQ-16 images (plain views)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="VQ-16 images per step (digits: 256)")
     p.set_defaults(fn=bench_agreement)
     p = sub.add_parser("train", help="train_c2i.py's step vs ours, GPT-B")
     p.add_argument("--batch-size", type=int, default=8)
