@@ -14,8 +14,8 @@ extract: `autoregressive/train/extract_codes_c2i.py --ten-crop --debug` (its tra
     scripts/extract_codes.py runs) with views=tencrop, on the same random VQ-16 weights (the official module's own
     initialisation, saved as `{"model": state_dict}`, which our llamagen_vq family reads) and the same ImageFolder of
     random images. The two ten-crops share 8 of 10 views (see tokenizer/data.py): LlamaGen's views 0-3 and 5-8
-    are our views 1-4, 7, 6, 9, 8; its zoomed centre and that centre's mirror image are our plain centre crop and
-    its flip. Codes of the shared views must be identical, and our tokenizer fed LlamaGen's own ten views of the
+    are our views 1-4, 7, 6, 9, 8; its zoomed centre (4) and the centre crop of its mirrored image (9) have no
+    counterpart (our views 0 and 5 are the plain centre crop and its flip). Codes of the shared views must be identical, and our tokenizer fed LlamaGen's own ten views of the
     first image must give its codes. Our bf16 run (encoder under autocast, code search in float32) is reported
     with its agreement with our float32 codes.
 train: `autoregressive/train/train_c2i.py`'s step (`model(cond_idx, idx, targets)` under autocast, GradScaler,
@@ -23,7 +23,9 @@ train: `autoregressive/train/train_c2i.py`'s step (`model(cond_idx, idx, targets
     step (gpt.train.GPTStep with the Trainer: accelerate autocast, clip, AdamW, schedule, on-device metrics, EMA),
     on the same synthetic codes, both eager (train_c2i.py compiles unless --no-compile; our default is eager).
     Before timing, both start from the same weights (LlamaGen's initialisation, loaded by our gpt loader) with
-    every dropout off and take two steps on the same batches: the losses must agree.
+    every dropout off (LlamaGen's label dropout through its LabelEmbedder's dropout_prob = 0, so its table keeps
+    the null-class row) and take two steps on the same batches: the losses must agree. train_c2i.py itself is
+    imported for its `creat_optimizer`, with its logging, NCCL set-up and dataset imports served empty stand-ins.
 
 Replaced because they cannot run on a CPU: `device = 'cuda'` -> cpu; `torch.cuda.amp.autocast(dtype)` ->
 `torch.autocast('cpu', dtype)`; `torch.cuda.amp.GradScaler(enabled=fp16)` -> `torch.amp.GradScaler('cpu', enabled=False)`
