@@ -61,13 +61,10 @@ from gpt.config import GPTConfig
 from gpt.loading import load_gpt
 from gpt.model import GPT
 from gpt.train import GPTStep, TrainConfig
-from tokenizer import MGVQ, MGVQConfig
+from tokenizer import MGVQ, MGVQConfig, TokenizerRef, VQGANConfig, load_tokenizer
 from tokenizer.common.runs import MetricWindow, Trainer, make_optimizer, make_scheduler
-from tokenizer.config import TokenizerRef
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
-from tokenizer.families import load_tokenizer
 from tokenizer.store import CodeStore
-from tokenizer.vqgan import VQGANConfig
 
 LLAMAGEN_COMMIT = "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec"
 
@@ -358,7 +355,7 @@ class OurStep:
 
 
 def our_config(dropout: float, n_layer: int):
-    return GPTConfig.single_codebook("gpt_b", codebook_size=VOCAB, grid_size=GRID, n_layer=n_layer,
+    return GPTConfig.single_codebook("gpt_b", codes_per_group=VOCAB, grid_size=GRID, n_layer=n_layer,
                                      class_dropout_prob=dropout,
                                      token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout)
 

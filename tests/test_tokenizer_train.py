@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tokenizer import MGVQ, MGVQConfig, TokenizerRef, load_tokenizer
 from tokenizer.common.runs import GlobalBatchSampler
 from tokenizer.losses import LPIPS, charbonnier, hinge_d_loss, hinge_g_loss, l2
-from tokenizer.quantizer import MultiGroupQuantizer
+from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
 from tokenizer.train import (
     CodebookConfig,
     ImageDataConfig,

@@ -1,7 +1,7 @@
 """MGVQ tokenizer training with accelerate: reconstruction + VQ losses, nested masking, code re-seeding, EMA, resume.
 
 The recipe of the MGVQ paper: the full 32-channel latent split into G groups, L2-normalised sub-codebooks and a
-straight-through estimator (tokenizer/quantizer.py), VQ + commitment (beta 0.25) losses, nested masking of
+straight-through estimator (tokenizer/families/mgvq/quantizer.py), VQ + commitment (beta 0.25) losses, nested masking of
 trailing groups, Charbonnier + L2 reconstruction, optional LPIPS and PatchGAN hinge losses (tokenizer/losses.py).
 Codes whose usage (an EMA of their frequency over all ranks) falls below a threshold are re-seeded from the
 current step's encoder outputs. `train(cfg)` runs the shared skeleton (tokenizer/common/runs.py) and writes
@@ -19,12 +19,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
-from tokenizer.config import MGVQConfig, TokenizerRef
 from tokenizer.data import center_crop_arr, list_images
-from tokenizer.loading import load_tokenizer, save_tokenizer
+from tokenizer.families.mgvq.config import MGVQConfig
+from tokenizer.families.mgvq.model import MGVQ
+from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
+from tokenizer.loading import TokenizerRef, load_tokenizer, save_tokenizer
 from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_loss, hinge_g_loss, l2
-from tokenizer.model import MGVQ
-from tokenizer.quantizer import MultiGroupQuantizer
 from tokenizer.recon import codebook_usage
 
 
