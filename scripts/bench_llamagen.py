@@ -181,8 +181,8 @@ def check_codes(official_dir: Path, store_dir: Path, image_size: int) -> str:
     if differ or not np.array_equal(labels, store.labels):
         raise SystemExit(f"codes differ: {differ} of {n * len(pairs) * theirs.shape[-1]} on the shared views "
                          f"(labels equal: {np.array_equal(labels, store.labels)})")
-    used = len(np.unique(theirs))
-    return f"codes identical on the {len(pairs)} shared views of {n} images ({theirs[:, [i for i, _ in pairs]].size} codes, {used} distinct)"
+    shared = theirs[:, [i for i, _ in pairs]]
+    return f"codes identical on the {len(pairs)} shared views of {n} images ({shared.size} codes, {len(np.unique(shared))} distinct)"
 
 
 def check_official_views(data: Path, ckpt: Path, official_dir: Path, image_size: int) -> str:
