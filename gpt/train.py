@@ -59,11 +59,13 @@ def cross_entropy_per_group(logits: torch.Tensor, codes: torch.Tensor) -> tuple[
     per-group means. The logits are cast to float32 here, whatever dtype they arrive in: the model returns float32,
     but accelerate's bf16 FSDP2 policy (output_dtype=bf16) casts the root module's output back to bf16, and the
     log-softmax, its backward and the mean would then run in bf16.
+    The loss is reduced by nll_loss's own mean, as `F.cross_entropy(logits, codes)` in LlamaGen's train_c2i.py: for
+    G = 1 it is the same float32 number bit for bit (a `.mean()` of per-token losses sums in another order).
     """
-    logits = logits.float()
-    ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view(codes.shape)  # (B, L, G)
-    per_group = ce.mean(dim=(0, 1))
-    return per_group.mean(), per_group
+    logp = F.log_softmax(logits.float().flatten(0, 2), dim=-1)  # (B * L * G, V), computed once
+    targets = codes.flatten()
+    per_group = F.nll_loss(logp.detach(), targets, reduction="none").view(codes.shape).mean(dim=(0, 1))  # (G,)
+    return F.nll_loss(logp, targets), per_group
 
 
 def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: int | None) -> GPTConfig:
@@ -190,7 +192,7 @@ def train(cfg: TrainConfig) -> Path:
     resuming = trainer.check_resume(identity) is not None
 
     model = build_model(cfg, model_cfg, codebook, resuming)
-    optimizer = make_optimizer(model, cfg, fused=acc.device.type == "cuda")
+    optimizer = make_optimizer(model, cfg, fused=trainer.fused_optimizer)
     model, optimizer, scheduler = trainer.prepare(model, optimizer, make_scheduler(optimizer, cfg, max_steps),
                                                   compile=cfg.compile)
     sampler.start_step = trainer.step

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tokenizer.base import group_sizes
 from tokenizer.common.io import sha256_file
-from tokenizer.common.precision import autocast_dtype, check_precision
+from tokenizer.common.precision import PRECISIONS, autocast_dtype, check_precision
 from tokenizer.data import ImageViews, files_fingerprint, list_images, num_views
 from tokenizer.loading import TokenizerRef
 from tokenizer.merged import unmerge
@@ -40,8 +40,26 @@ class ExtractConfig:
     out_dir: str
     batch_size: int = 32  # images per step and process; the encoder sees batch_size * num_views crops
     num_workers: int = 4
-    precision: str = "fp32"  # fp32 | bf16 | fp16: encoder autocast on CUDA (codes can change where two are close); CPU runs fp32
+    # fp32 | bf16 | fp16 (fp16: CUDA only): the encoder under autocast, the code search in float32. Codes can
+    # change where two codes are nearly equally close; the store records the precision, so reruns must match it.
+    precision: str = "fp32"
     merged: bool = False  # also keep the merged form (mergevq: K codes in merge order + token map per view)
+
+
+# Families whose encoders run faster channels_last on a CPU: oneDNN's NHWC convolutions run LlamaGen's VQ-16 encoder
+# 1.4x faster here with the same codes (README, benchmarks). The others are not measured and keep the default layout.
+CPU_CHANNELS_LAST = ("llamagen_vq", "ibq")
+
+
+def encoder_layout(device: torch.device, family: str) -> torch.memory_format:
+    return torch.channels_last if device.type == "cpu" and family in CPU_CHANNELS_LAST else torch.contiguous_format
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); only a warning depends on it. torch asks its
+    private checks; a torch without them counts as no."""
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
 
 
 class BadImageError(RuntimeError):
@@ -88,18 +106,21 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
     }
 
 
-def encode_views(model, x: torch.Tensor, spec: dict, dtype) -> tuple[np.ndarray, tuple | None]:
+def encode_views(model, x: torch.Tensor, spec: dict, dtype, layout=torch.contiguous_format
+                 ) -> tuple[np.ndarray, tuple | None]:
     """Views (B, A, 3, S, S) -> grid codes (B, A, h, w, G) in the store's dtype, and where the store keeps the merged
-    form (`merged_tokens`), (merged codes (B, A, K, G), token map (B, A, h, w) uint16)."""
+    form (`merged_tokens`), (merged codes (B, A, K, G), token map (B, A, h, w) uint16). The encoder runs under
+    autocast to `dtype` (None: float32) on images in `layout` (the encoder_layout of the family)."""
     B, A = x.shape[:2]
     (h, w), G = spec["grid"], spec["groups"]
     merged = None
+    x = x.flatten(0, 1).contiguous(memory_format=layout)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         if spec.get("merged_tokens"):
-            merged = model.encode_merged(x.flatten(0, 1))  # (B * A, K, G), (B * A, h, w)
+            merged = model.encode_merged(x)  # (B * A, K, G), (B * A, h, w)
             codes = unmerge(*merged)
         else:
-            codes = model.encode_codes(x.flatten(0, 1))  # (B * A, h, w, G)
+            codes = model.encode_codes(x)  # (B * A, h, w, G)
     if codes.shape != (B * A, h, w, G):
         raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, G)}")
     codes = codes.view(B, A, h, w, G).cpu().numpy().astype(spec["dtype"])
@@ -113,7 +134,7 @@ def extract(cfg: ExtractConfig) -> dict:
     """Fill (or finish) the code store `cfg.out_dir`; returns its meta."""
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    precision = check_precision(cfg.precision) if device.type == "cuda" else "fp32"
+    precision = check_precision(cfg.precision, ("fp32", "bf16") if device.type == "cpu" else PRECISIONS)  # no CPU fp16
     checkpoint = cfg.tokenizer.require_checkpoint("the weights file the codes are made with")
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"tokenizer.checkpoint={checkpoint} is not a file")
@@ -140,8 +161,12 @@ def extract(cfg: ExtractConfig) -> dict:
     dataset = ImageViews(cfg.data.root, cfg.data.image_size, cfg.data.views, cfg.data.crop_range, files, labels)
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    model = (model or cfg.tokenizer.load()).to(device)
+    layout = encoder_layout(device, cfg.tokenizer.family)
+    model = (model or cfg.tokenizer.load()).to(device, memory_format=layout)
     dtype = autocast_dtype(precision)
+    if device.type == "cpu" and dtype is not None and not native_cpu_bf16():
+        print(f"warning: precision={precision} on a CPU without AVX512-BF16 or AMX: its bf16 convolutions are "
+              f"emulated and slower than fp32 (README, benchmarks)", flush=True)
     h, w = spec["grid"]
 
     # One bar on the main process for all ranks: it counts world_size images per image of its own slice.
@@ -149,7 +174,7 @@ def extract(cfg: ExtractConfig) -> dict:
                desc=f"extract x{world}" if world > 1 else "extract", disable=not accelerator.is_main_process)
     for index, x, _, errors in loader:
         B, A = x.shape[:2]
-        codes, merged = encode_views(model, x.to(device, non_blocking=True), spec, dtype)
+        codes, merged = encode_views(model, x.to(device, non_blocking=True), spec, dtype, layout)
         index, bad = index.numpy(), np.array([bool(e) for e in errors])
         if bad.any() and not cfg.data.skip_bad:
             writer.write(index[~bad], codes[~bad], bad[~bad],  # keep the readable images of this batch
