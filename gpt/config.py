@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizer.common.errors import ConfigError
 from tokenizer.common.settings import known_fields, preset_fields
 
 HEADS = ("parallel", "ar", "factorized")
@@ -204,7 +205,7 @@ class GPTConfig:
         if self.input_embedding == "codebook" and self.codebook_embed_dim is None:
             unset.append("codebook_embed_dim")
         if unset:
-            raise ValueError(f"GPTConfig fields {unset} are unset (None): set them or take them from the code store")
+            raise ConfigError(f"GPTConfig fields {unset} are unset (None): set them or take them from the code store")
         problems = []
         if self.head not in HEADS:
             problems.append(f"head={self.head!r} is not one of {HEADS}")
@@ -234,4 +235,4 @@ class GPTConfig:
         if self.dim % 2:
             problems.append(f"dim={self.dim} must be even (img_projector's hidden width is dim/2)")
         if problems:
-            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+            raise ConfigError("invalid GPTConfig: " + "; ".join(problems))

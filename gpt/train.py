@@ -20,6 +20,8 @@ from gpt.config import GPTConfig
 from gpt.data import CodeDataset
 from gpt.loading import load_gpt
 from gpt.model import GPT
+from tokenizer.common import validate as v
+from tokenizer.common.errors import ConfigError
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
 from tokenizer.config import TokenizerRef
@@ -49,6 +51,18 @@ class TrainConfig(RunConfig):
     precision: str = "bf16"
     compile: bool = False
     init_from: str | None = None  # GPT weights to start from (this project's or the official MGVQ layout)
+
+    def check(self) -> None:
+        super().check()
+        v.non_empty(self.data.codes_dir, "data.codes_dir")
+        v.integer(self.data.num_workers, "data.num_workers", low=0)
+        v.integer(self.data.prefetch_factor, "data.prefetch_factor", low=1)
+        v.optional_integer(self.epochs, "epochs", low=1)
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("max_steps and epochs are both null: set one")
+        for name in ("class_dropout_prob", "token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p",
+                     "drop_path_rate"):
+            v.number(getattr(self.model, name), f"model.{name}", low=0, high=1, high_open=True)
 
 
 def cross_entropy_per_group(logits: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +226,7 @@ def train(cfg: TrainConfig) -> Path:
     del batches  # shuts down the loader's workers
 
     export = export_model(trainer, model, model_cfg, {**identity, "step": trainer.step})
-    acc.end_training()
+    trainer.end()
     return export
 
 

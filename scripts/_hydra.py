@@ -3,6 +3,8 @@
 The presets of the `tokenizer` and `model` groups are registered here from the library (tokenizer.config,
 gpt.config): they exist in Python only. Settings come from conf/<name>.yaml, overridden as key=value.
 """
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import GPTConfig
+from tokenizer.common.errors import UserError
 from tokenizer.families import named_refs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -25,12 +28,22 @@ def register_presets() -> None:
 
 def main(config_name: str, schema: type, fn, report=None) -> None:
     """Run `fn(config)` on conf/<config_name>.yaml merged onto `schema` (unknown keys and wrong types fail here,
-    before any work) with the command line's overrides; `report(result)` prints what it returned."""
+    before any work) with the command line's overrides; `report(result)` prints what it returned.
+
+    An expected error (tokenizer.common.errors.UserError: a bad setting, a missing or damaged file, an out_dir in
+    use) prints its message, which names the culprit, and exits with status 1, without a traceback;
+    HYDRA_FULL_ERROR=1 shows the traceback anyway. Any other exception keeps its traceback."""
     register_presets()
 
     @hydra.main(version_base=None, config_path=str(CONF), config_name=config_name)
     def entry(cfg: DictConfig) -> None:
-        result = fn(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg)))
+        try:
+            result = fn(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg)))
+        except UserError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         if report is not None:
             report(result)
 

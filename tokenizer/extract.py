@@ -15,7 +15,10 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from tokenizer.common import validate as v
+from tokenizer.common.errors import ConfigError, MissingFileError, UserError
 from tokenizer.common.io import sha256_file
+from tokenizer.common.lock import lock_out_dir, unlock_out_dir
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
@@ -41,8 +44,19 @@ class ExtractConfig:
     num_workers: int = 4
     precision: str = "fp32"  # fp32 | bf16 | fp16: encoder autocast on CUDA (codes can change where two are close); CPU runs fp32
 
+    def check(self) -> None:
+        """Every setting of the right type and in range, before anything is loaded or written."""
+        v.non_empty(self.data.root, "data.root")
+        v.integer(self.data.image_size, "data.image_size", low=1)
+        v.choice(self.data.views, "data.views", sorted(NUM_VIEWS))
+        v.number(self.data.crop_range, "data.crop_range", low=1)
+        v.non_empty(self.out_dir, "out_dir")
+        v.integer(self.batch_size, "batch_size", low=1)
+        v.integer(self.num_workers, "num_workers", low=0)
+        check_precision(self.precision)
 
-class BadImageError(RuntimeError):
+
+class BadImageError(UserError, RuntimeError):
     """An image could not be read and data.skip_bad is false."""
 
 
@@ -51,12 +65,12 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
     """Everything that determines the store's bytes; a resumed or repeated run must match it exactly."""
     size = cfg.data.image_size
     if cfg.data.views not in NUM_VIEWS:
-        raise ValueError(f"data.views={cfg.data.views!r}: expected one of {sorted(NUM_VIEWS)}")
+        raise ConfigError(f"data.views={cfg.data.views!r}: expected one of {sorted(NUM_VIEWS)}")
     if size % tok.downsample:
-        raise ValueError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
+        raise ConfigError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
     sizes = group_sizes(tok)  # (MGVQConfig refuses a codebook that does not split into its groups)
     if max(sizes) > 2**32:
-        raise ValueError(f"tokenizer groups of {sizes} codes: at most 2**32 per group fit the store's uint32")
+        raise ConfigError(f"tokenizer groups of {sizes} codes: at most 2**32 per group fit the store's uint32")
     tencrop = cfg.data.views.startswith("tencrop")
     return {
         "format_version": FORMAT_VERSION,
@@ -82,24 +96,27 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
 
 def extract(cfg: ExtractConfig) -> dict:
     """Fill (or finish) the code store `cfg.out_dir`; returns its meta."""
+    cfg.check()
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    precision = check_precision(cfg.precision) if device.type == "cuda" else "fp32"
+    precision = cfg.precision if device.type == "cuda" else "fp32"
     checkpoint = cfg.tokenizer.require_checkpoint("the weights file the codes are made with")
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"tokenizer.checkpoint={checkpoint} is not a file")
-    # The architecture the ref names, else the file's own (loaded now); a mismatch is refused before loading.
-    model = None if cfg.tokenizer.config is not None else cfg.tokenizer.load()
-    arch = cfg.tokenizer.config if model is None else model.config
+        raise MissingFileError(f"tokenizer.checkpoint={checkpoint} is not a file")
+    # Loaded (and so checked) before the out_dir is touched: a bad file leaves nothing a corrected rerun refuses.
+    model = cfg.tokenizer.load()
+    arch = model.config
 
     files, labels, classes = list_images(cfg.data.root)
     spec = build_spec(cfg, arch, files, labels, classes, precision)
+    lock_out_dir(cfg.out_dir, accelerator)
     writer = StoreWriter(cfg.out_dir, spec)
     state = writer.check()  # every rank checks, so a refusal stops all of them alike
     if state == "complete":
         if accelerator.is_main_process:
             print(f"{cfg.out_dir}: code store already complete ({len(files)} images)")
             writer.remove_progress_files()  # left behind by a kill right after meta.json was written
+        unlock_out_dir(cfg.out_dir, accelerator)
         return CodeStore(cfg.out_dir).meta
     if state == "new" and accelerator.is_main_process:
         writer.create(np.asarray(labels, dtype=np.int64))
@@ -111,7 +128,7 @@ def extract(cfg: ExtractConfig) -> dict:
     dataset = ImageViews(cfg.data.root, cfg.data.image_size, cfg.data.views, cfg.data.crop_range, files, labels)
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    model = (model or cfg.tokenizer.load()).to(device)
+    model = model.to(device)
     dtype = autocast_dtype(precision)
     h, w = spec["grid"]
 
@@ -142,5 +159,5 @@ def extract(cfg: ExtractConfig) -> dict:
         print(f"{cfg.out_dir}: {len(files)} images x {spec['num_views']} views -> codes "
               f"{tuple([len(files), spec['num_views'], h, w, spec['groups']])}"
               + (f", {len(meta['bad_files'])} unreadable images skipped" if meta["bad_files"] else ""))
-    accelerator.wait_for_everyone()
+    unlock_out_dir(cfg.out_dir, accelerator)
     return CodeStore(cfg.out_dir).meta

@@ -9,17 +9,20 @@ sampler decodes with, ema or raw).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from tokenizer import loading, magvit2
+from tokenizer.common.errors import BadFileError, LayoutError
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
 from tokenizer.vqgan import PRESETS as VQGAN_PRESETS
 from tokenizer.vqgan import VQGAN, VQGANConfig
 from tokenizer.vqgan_weights import read_ibq, read_llamagen
+from tokenizer.common.io import load_weights_file
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Family:
 def _read_mgvq(path, weights: str = "auto") -> tuple[dict, str]:
     if weights != "auto":
         raise ValueError(f"weights={weights!r}: MGVQ files hold one set of weights (EMA first), use 'auto'")
-    return loading.pick_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    return loading.pick_state_dict(load_weights_file(path, "tokenizer checkpoint"), path)
 
 
 def _quantizer_is(kind: str, family: str) -> Callable:
@@ -85,11 +88,44 @@ def group_sizes(config) -> list[int]:
     return list(per_group) if isinstance(per_group, (list, tuple)) else [per_group] * config.codebook_groups
 
 
+def _key_layout(keys) -> set[str]:
+    """Weight names with their block indices masked (`encoder.down.#.block.#.conv1.weight`): what a family's
+    layout fixes, whatever the depth of a preset."""
+    return {re.sub(r"\.\d+(?=\.)", ".#", k) for k in keys}
+
+
+def fitting_families(path: str | os.PathLike, but: str) -> list[str]:
+    """The families other than `but` whose official reader takes the file `path` and one of whose presets has
+    exactly its key layout: the families the file belongs to (empty when none)."""
+    fits = []
+    for name, ref in named_refs().items():
+        if ref.family == but or ref.family in fits:
+            continue
+        try:
+            state_dict, _ = FAMILIES[ref.family].read_weights(path, "auto")
+        except (ValueError, KeyError, RuntimeError):
+            continue
+        with torch.device("meta"):
+            model = FAMILIES[ref.family].model_cls(ref.config)
+        if _key_layout(state_dict) == _key_layout(model.state_dict()):
+            fits.append(ref.family)
+    return fits
+
+
 def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "mgvq", weights: str = "auto",
                    map_location="cpu") -> torch.nn.Module:
     """A tokenizer of `family` from `path` in eval mode with gradients off; keys and shapes must match exactly
     (tokenizer.loading.load_tokenizer). `config`: the family's dataclass or a dict of its fields; None reads the
-    config this project's files store (official files store none)."""
+    config this project's files store (official files store none). An official file of another family is
+    refused naming the family whose layout it has."""
     if isinstance(config, dict):
         config = get_family(family).config_cls.from_dict(config)
-    return loading.load_tokenizer(path, config, map_location, family=family, weights=weights)
+    try:
+        return loading.load_tokenizer(path, config, map_location, family=family, weights=weights)
+    except (LayoutError, ValueError, KeyError) as e:
+        if isinstance(e, BadFileError) or not (fits := fitting_families(path, family)):
+            raise
+        presets = sorted(n for n, ref in named_refs().items() if ref.family in fits)
+        raise LayoutError(f"{path} is not a {family!r} tokenizer file: its weights have the layout of family "
+                          f"{' or '.join(map(repr, fits))}. Pass tokenizer={presets[0]} (family {fits[0]}; presets "
+                          f"{presets}) instead of family={family!r}") from None

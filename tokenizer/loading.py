@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from tokenizer.common.errors import LayoutError
 from tokenizer.common.io import atomic_path
 from tokenizer.common.settings import refuse_mismatch
 from tokenizer.vqgan_weights import load_official
@@ -49,7 +50,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
     if problems:
-        raise RuntimeError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
+        raise LayoutError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
 
 
 def _stored(blob: dict, path, family: str):

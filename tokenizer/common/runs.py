@@ -31,8 +31,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from tokenizer.common import validate as v
+from tokenizer.common.errors import ConfigError, MissingFileError, OutputExistsError
 from tokenizer.common.io import read_json, write_json_atomic, write_text_atomic
-from tokenizer.common.precision import accelerate_precision
+from tokenizer.common.lock import lock_out_dir, unlock_out_dir
+from tokenizer.common.precision import PRECISIONS, accelerate_precision
 from tokenizer.common.settings import json_ready, refuse_mismatch
 
 STATE_FILE = "train_state.json"
@@ -60,6 +63,28 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept; 0 = all
     seed: int = 0
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | <checkpoint dir>
+
+    def check(self) -> None:
+        """Every run setting of the right type, finite and in range (ConfigError naming it), before anything is
+        written. Trainers extend it with their own fields."""
+        v.non_empty(self.out_dir, "out_dir")
+        v.optional_integer(self.max_steps, "max_steps", low=1)
+        v.integer(self.global_batch_size, "global_batch_size", low=1)
+        v.integer(self.grad_accum, "grad_accum", low=1)
+        v.number(self.lr, "lr", low=0, low_open=True)
+        v.number(self.weight_decay, "weight_decay", low=0)
+        if len(v.per_group(self.betas, "betas", low=0, high=1, high_open=True)) != 2:
+            raise ConfigError(f"betas={self.betas}: expected two numbers in [0, 1)")
+        v.number(self.grad_clip, "grad_clip", low=0)
+        v.integer(self.warmup_steps, "warmup_steps", low=0)
+        v.choice(self.lr_schedule, "lr_schedule", sorted(LR_SCHEDULES))
+        v.choice(self.precision, "precision", list(PRECISIONS))
+        v.number(self.ema, "ema", low=0, high=1, high_open=True)
+        v.integer(self.log_every, "log_every", low=1)
+        v.integer(self.ckpt_every, "ckpt_every", low=1)
+        v.integer(self.keep_last, "keep_last", low=0)
+        v.integer(self.seed, "seed", low=0, high=2**32 - 1)
+        v.non_empty(self.resume, "resume")
 
 
 class EMA:
@@ -139,12 +164,12 @@ def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
         return existing[-1] if existing else None
     if resume == "none":
         if existing:
-            raise FileExistsError(f"{out_dir} already holds checkpoints (newest {existing[-1].name}): pass "
+            raise OutputExistsError(f"{out_dir} already holds checkpoints (newest {existing[-1].name}): pass "
                                   f"resume=auto to continue them, or choose another out_dir")
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no {STATE_FILE} in it)")
+        raise MissingFileError(f"resume={resume}: not a checkpoint directory (no {STATE_FILE} in it)")
     return path
 
 
@@ -289,6 +314,7 @@ class Trainer:
     """One training run: build it, give it the identity a checkpoint must match, prepare, then `run`."""
 
     def __init__(self, cfg: RunConfig, **accelerator_kwargs):
+        cfg.check()  # every setting, before anything is built or written
         self.cfg, self.out_dir = cfg, Path(cfg.out_dir)
         self.accelerator = Accelerator(mixed_precision=accelerate_precision(cfg.precision),
                                        gradient_accumulation_steps=cfg.grad_accum,
@@ -306,7 +332,10 @@ class Trainer:
 
     def check_resume(self, identity: dict) -> Path | None:
         """The checkpoint to resume from (per `cfg.resume`), refused unless it was written by a run of this identity:
-        the settings that fix what the steps compute (model, data, batch, seed). Call before building the model."""
+        the settings that fix what the steps compute (model, data, batch, seed). Call before building the model,
+        once the data and settings are checked: it takes the out_dir's lock (tokenizer.common.lock), held until
+        `end`."""
+        lock_out_dir(self.out_dir, self.accelerator)
         self.identity = json_ready(identity)
         self.resume_from = find_resume_checkpoint(self.out_dir, self.cfg.resume)
         if self.resume_from is not None:
@@ -370,6 +399,11 @@ class Trainer:
                 f"loss or gradient norm is not finite at step {int(bad.min())}: stopping at step {self.step} without "
                 f"logging or saving it; the last good checkpoint is "
                 f"{last[-1] if last else 'none (no checkpoint written yet)'}")
+
+    def end(self) -> None:
+        """accelerate's end of training (trackers), then the out_dir's lock is released."""
+        self.accelerator.end_training()
+        unlock_out_dir(self.out_dir, self.accelerator)
 
     def run(self, max_steps: int, step_fn: Callable[[], dict[str, torch.Tensor]], *, ema_source: nn.Module | None = None,
             describe: Callable[[dict, dict, int, float], dict], lr: Callable[[], float], state: Callable[[int], dict],
