@@ -22,6 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from tokenizer.common.errors import MissingFileError
+
 NUM_VIEWS = {"plain": 1, "flip": 2, "tencrop": 10, "tencrop_flip": 20}
 
 
@@ -29,7 +31,7 @@ def list_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     """(relative file paths, labels, class names) in torchvision ImageFolder order, extensions included."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} is not a directory")
+        raise MissingFileError(f"data.root {root} is not a directory")
     classes, class_to_idx = find_classes(root)
     samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     files = [Path(path).relative_to(root).as_posix() for path, _ in samples]

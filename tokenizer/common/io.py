@@ -139,6 +139,17 @@ def verify_zip(path: str | os.PathLike, what: str, *, chunk_bytes: int = 1 << 23
     return True
 
 
+def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 24, progress: bool = False) -> str:
+    """Hex sha256 of a file, streamed in chunks; `progress`: a bar for files over 256 MB (GPT-XXL is 6 GB)."""
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}",
+                                      disable=not progress or size < 2**28, leave=False) as bar:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()
+
+
 def load_weights_file(path: str | os.PathLike, what: str, verify: bool | None = None) -> Any:
     """`torch.load(path, weights_only=True)` on the CPU, after `verify_zip` (`verify` None: unless the environment
     sets MGVQ_VERIFY_CHECKPOINTS=0). A missing, truncated or damaged file, or one holding pickled Python objects

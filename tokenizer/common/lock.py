@@ -1,17 +1,19 @@
 """One run per out_dir: an exclusive `fcntl.flock` on `<out_dir>/.run.lock`, taken by every command that writes
 an out_dir (training, extraction, sampling, sweeps) once its settings are known to be valid.
 
-The lock file holds its holder (host, pid, command, start time) while the lock is held, and is emptied when the
-run ends. The kernel drops a flock when its process dies (even by kill -9), so a lock file whose flock is free
+The lock file holds its holder (host, pid, command, start time) while the lock is held, and is removed when the
+run ends (a finished out_dir holds only its outputs). The kernel drops a flock when its process dies (even by kill -9), so a lock file whose flock is free
 but which still names a holder was left by a run that died: the next run takes it over and says so. A second
 run while the first lives is refused naming the first. Under accelerate only the main process locks; the others
 learn the outcome by a broadcast, so all ranks go on or stop together.
 
-A process keeps the locks it took until `release` or its exit; taking a lock it already holds is a no-op (a
-library call rerun in the same process, e.g. after an exception, needs no release first).
+A process keeps the locks it took until `release` or its exit (an exception included: they are released at exit,
+so only a killed run leaves a lock file behind); taking a lock it already holds is a no-op (a library call rerun in
+the same process, e.g. after an exception, needs no release first).
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -57,15 +59,19 @@ def acquire(out_dir: str | os.PathLike) -> str | None:
     if path in _HELD:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_holder(fd)
-        os.close(fd)
-        who = _describe(holder) if holder else "a process that has not recorded itself yet"
-        raise OutDirBusyError(f"{Path(out_dir)} is in use by another run ({who}). Wait for it to end, or choose "
-                              f"another out_dir (lock file {path})") from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            who = _describe(holder) if holder else "a process that has not recorded itself yet"
+            raise OutDirBusyError(f"{Path(out_dir)} is in use by another run ({who}). Wait for it to end, or "
+                                  f"choose another out_dir (lock file {path})") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder released and removed the file after we opened it: lock the current one
     stale = _read_holder(fd)
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
@@ -78,14 +84,31 @@ def acquire(out_dir: str | os.PathLike) -> str | None:
             f"its process no longer holds the lock")
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def release(out_dir: str | os.PathLike) -> None:
-    """Empty and unlock `out_dir`'s lock, if this process holds it."""
-    fd = _HELD.pop(Path(out_dir).resolve() / LOCK_NAME, None)
+    """Remove and unlock `out_dir`'s lock, if this process holds it (removed while locked: a run that opened the
+    old file before finds it gone after its flock, and locks a new one)."""
+    path = Path(out_dir).resolve() / LOCK_NAME
+    fd = _HELD.pop(path, None)
     if fd is None:
         return
-    os.ftruncate(fd, 0)
+    path.unlink(missing_ok=True)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def _release_all() -> None:
+    for path in list(_HELD):
+        release(path.parent)
+
+
+atexit.register(_release_all)  # an exception ends a run without a leftover lock file; only a kill leaves one
 
 
 def lock_out_dir(out_dir: str | os.PathLike, state=None) -> None:
