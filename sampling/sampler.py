@@ -35,7 +35,7 @@ from tokenizer.families import group_sizes
 from tokenizer.common import validate as v
 from tokenizer.common.errors import BadFileError, ConfigError
 from tokenizer.common.io import atomic_path, read_json, reading, sha256_file, write_json_atomic
-from tokenizer.common.lock import lock_out_dir, unlock_out_dir
+from tokenizer.common.lock import out_dir_lock
 from tokenizer.common.precision import autocast_dtype
 from tokenizer.common.settings import refuse_mismatch
 
@@ -338,13 +338,12 @@ def run(cfg: SampleRunConfig) -> Path:
 
     cfg.check()
     accelerator = Accelerator()
-    lock_out_dir(cfg.out_dir, accelerator)
-    sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
-    s = cfg.sampler
-    accelerator.print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), "
-                      f"{accelerator.device}: {cfg.gpt_ckpt}, cfg_scale {s.cfg_scale}, top_k {s.top_k}, top_p {s.top_p}, "
-                      f"temperature {s.temperature}")
-    path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator)
+    with out_dir_lock(cfg.out_dir, accelerator):
+        sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
+        s = cfg.sampler
+        accelerator.print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), "
+                          f"{accelerator.device}: {cfg.gpt_ckpt}, cfg_scale {s.cfg_scale}, top_k {s.top_k}, "
+                          f"top_p {s.top_p}, temperature {s.temperature}")
+        path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator)
     accelerator.print(f"wrote {path} ({cfg.num_samples} images) and {path.with_suffix('.json')}")
-    unlock_out_dir(cfg.out_dir, accelerator)
     return path

@@ -21,7 +21,7 @@ from sampling.sampler import ModelFiles, Sampler, SamplerConfig, check_run, writ
 from tokenizer.common import validate as v
 from tokenizer.common.errors import ConfigError
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
-from tokenizer.common.lock import lock_out_dir, unlock_out_dir
+from tokenizer.common.lock import out_dir_lock
 from tokenizer.common.settings import refuse_mismatch
 
 COLUMNS = ["cfg_scale", "top_k", "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid",
@@ -138,7 +138,12 @@ def run(cfg: SweepConfig) -> list[dict]:
 
     cfg.check()
     accelerator = Accelerator()
-    lock_out_dir(cfg.out_dir, accelerator)
+    with out_dir_lock(cfg.out_dir, accelerator):
+        return sweep(cfg, *sweep_inputs(cfg, accelerator), accelerator)
+
+
+def sweep_inputs(cfg: SweepConfig, accelerator) -> tuple[Callable[[float, int, Path], Path], dict]:
+    """`sweep`'s draw function (a Sampler of `cfg`'s models) and identity."""
     sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
 
     def draw(cfg_scale: float, top_k: int, point: Path) -> Path:
@@ -155,10 +160,7 @@ def run(cfg: SweepConfig) -> list[dict]:
                if k not in ("samples", "out", "inception_weights", "cache_root", "device", "batch_size",
                             "num_workers", "progress")}
     scoring["inception_weights_sha256"] = sha256_file(resolve_inception_weights(cfg.evaluate.inception_weights))
-    identity = {"sampling": sampling, "num_samples": cfg.num_samples, "evaluate": scoring}
-    rows = sweep(cfg, draw, identity, accelerator)
-    unlock_out_dir(cfg.out_dir, accelerator)
-    return rows
+    return draw, {"sampling": sampling, "num_samples": cfg.num_samples, "evaluate": scoring}
 
 
 def report(rows: list[dict]) -> None:

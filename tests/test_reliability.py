@@ -4,11 +4,9 @@ test_train.py and test_sample_ddp.py, beside their single-run references.)"""
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,8 @@ from gpt import GPT, GPTConfig
 from sampling.generate import generate
 from sampling.sampler import SampleRunConfig, SamplerConfig, run, write_npz
 from test_extract import config as extract_config
-from test_sample_ddp import OFFICIAL, model_files
+from test_sample_ddp import model_files
 from test_train import T, train_config, write_store
-from tokenizer import MGVQConfig
 from tokenizer.common.errors import BadFileError, ConfigError, LayoutError, OutDirBusyError, UserError
 from tokenizer.common.lock import LOCK_NAME, acquire, release
 from tokenizer.extract import extract

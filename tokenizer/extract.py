@@ -18,7 +18,7 @@ from tqdm import tqdm
 from tokenizer.common import validate as v
 from tokenizer.common.errors import ConfigError, MissingFileError, UserError
 from tokenizer.common.io import sha256_file
-from tokenizer.common.lock import lock_out_dir, unlock_out_dir
+from tokenizer.common.lock import out_dir_lock
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.config import TokenizerRef
 from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
@@ -98,8 +98,7 @@ def extract(cfg: ExtractConfig) -> dict:
     """Fill (or finish) the code store `cfg.out_dir`; returns its meta."""
     cfg.check()
     accelerator = Accelerator()
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    precision = cfg.precision if device.type == "cuda" else "fp32"
+    precision = cfg.precision if accelerator.device.type == "cuda" else "fp32"
     checkpoint = cfg.tokenizer.require_checkpoint("the weights file the codes are made with")
     if not Path(checkpoint).is_file():
         raise MissingFileError(f"tokenizer.checkpoint={checkpoint} is not a file")
@@ -109,15 +108,22 @@ def extract(cfg: ExtractConfig) -> dict:
 
     files, labels, classes = list_images(cfg.data.root)
     spec = build_spec(cfg, arch, files, labels, classes, precision)
-    lock_out_dir(cfg.out_dir, accelerator)
+    with out_dir_lock(cfg.out_dir, accelerator):
+        fill_store(cfg, accelerator, model, spec, files, labels)
+    return CodeStore(cfg.out_dir).meta
+
+
+def fill_store(cfg: ExtractConfig, accelerator: Accelerator, model: torch.nn.Module, spec: dict, files: list[str],
+               labels: list[int]) -> None:
+    """Create, resume or recognise as complete the store of `spec` in cfg.out_dir, and encode what is missing."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     writer = StoreWriter(cfg.out_dir, spec)
     state = writer.check()  # every rank checks, so a refusal stops all of them alike
     if state == "complete":
         if accelerator.is_main_process:
             print(f"{cfg.out_dir}: code store already complete ({len(files)} images)")
             writer.remove_progress_files()  # left behind by a kill right after meta.json was written
-        unlock_out_dir(cfg.out_dir, accelerator)
-        return CodeStore(cfg.out_dir).meta
+        return
     if state == "new" and accelerator.is_main_process:
         writer.create(np.asarray(labels, dtype=np.int64))
     accelerator.wait_for_everyone()
@@ -129,7 +135,7 @@ def extract(cfg: ExtractConfig) -> dict:
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
     model = model.to(device)
-    dtype = autocast_dtype(precision)
+    dtype = autocast_dtype(spec["precision"])
     h, w = spec["grid"]
 
     # One bar on the main process for all ranks: it counts world_size images per image of its own slice.
@@ -159,5 +165,3 @@ def extract(cfg: ExtractConfig) -> dict:
         print(f"{cfg.out_dir}: {len(files)} images x {spec['num_views']} views -> codes "
               f"{tuple([len(files), spec['num_views'], h, w, spec['groups']])}"
               + (f", {len(meta['bad_files'])} unreadable images skipped" if meta["bad_files"] else ""))
-    unlock_out_dir(cfg.out_dir, accelerator)
-    return CodeStore(cfg.out_dir).meta

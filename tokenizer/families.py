@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from tokenizer import loading, magvit2
-from tokenizer.common.errors import BadFileError, LayoutError
+from tokenizer.common.errors import ConfigError, DamagedFileError, LayoutError
 from tokenizer.config import MGVQConfig
 from tokenizer.model import MGVQ
 from tokenizer.vqgan import PRESETS as VQGAN_PRESETS
@@ -36,14 +36,14 @@ class Family:
 
 def _read_mgvq(path, weights: str = "auto") -> tuple[dict, str]:
     if weights != "auto":
-        raise ValueError(f"weights={weights!r}: MGVQ files hold one set of weights (EMA first), use 'auto'")
+        raise ConfigError(f"weights={weights!r}: MGVQ files hold one set of weights (EMA first), use 'auto'")
     return loading.pick_state_dict(load_weights_file(path, "tokenizer checkpoint"), path)
 
 
 def _quantizer_is(kind: str, family: str) -> Callable:
     def check(config) -> None:
         if getattr(config, "quantizer", None) != kind:
-            raise ValueError(f"family {family!r} has quantizer={kind!r}, the config says "
+            raise ConfigError(f"family {family!r} has quantizer={kind!r}, the config says "
                              f"{getattr(config, 'quantizer', None)!r}: pass a {family} preset")
     return check
 
@@ -58,7 +58,7 @@ FAMILIES: dict[str, Family] = {
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"unknown tokenizer family {name!r}; expected one of {sorted(FAMILIES)}")
+        raise ConfigError(f"unknown tokenizer family {name!r}; expected one of {sorted(FAMILIES)}")
     return FAMILIES[name]
 
 
@@ -123,7 +123,7 @@ def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "m
     try:
         return loading.load_tokenizer(path, config, map_location, family=family, weights=weights)
     except (LayoutError, ValueError, KeyError) as e:
-        if isinstance(e, BadFileError) or not (fits := fitting_families(path, family)):
+        if isinstance(e, DamagedFileError) or not (fits := fitting_families(path, family)):
             raise
         presets = sorted(n for n, ref in named_refs().items() if ref.family in fits)
         raise LayoutError(f"{path} is not a {family!r} tokenizer file: its weights have the layout of family "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.common.errors import LayoutError
+from tokenizer.common.errors import BadFileError, ConfigError, LayoutError
 from tokenizer.common.io import atomic_path
 from tokenizer.common.settings import refuse_mismatch
 from tokenizer.vqgan_weights import load_official
@@ -26,13 +26,13 @@ def pick_state_dict(ckpt, path) -> tuple[dict, str]:
         for key in WEIGHT_KEYS:
             if key in ckpt:
                 if not _is_state_dict(ckpt[key]):
-                    raise ValueError(f"{path}: entry {key!r} is not a state dict of tensors")
+                    raise BadFileError(f"{path}: entry {key!r} is not a state dict of tensors")
                 return ckpt[key], key
         if _is_state_dict(ckpt):
             return ckpt, "<file>"
-        raise ValueError(f"{path}: no weights found; expected one of the keys {list(WEIGHT_KEYS)}, "
+        raise BadFileError(f"{path}: no weights found; expected one of the keys {list(WEIGHT_KEYS)}, "
                          f"found {sorted(map(str, ckpt))[:10]}")
-    raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    raise BadFileError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
@@ -61,7 +61,7 @@ def _stored(blob: dict, path, family: str):
 
     stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
     if stored_family != family:
-        raise ValueError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
+        raise ConfigError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
     return get_family(family).config_cls.from_dict(blob["config"]), blob["model"]
 
 
@@ -82,7 +82,7 @@ def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", fam
     path = Path(path)
     stored = _stored(load_official(path), path, family)
     if stored is None and config is None and family != "mgvq":  # (MGVQ: a file without weights says so first)
-        raise ValueError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
+        raise ConfigError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
                          f"{fam.config_cls.__name__}.preset(...)")
     if stored is not None:
         stored_config, state_dict, which = *stored, "model"
@@ -90,7 +90,7 @@ def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", fam
         stored_config, (state_dict, which) = None, fam.read_weights(path, weights)
     if config is None:
         if stored_config is None:
-            raise ValueError(f"{path} stores no config: pass one, e.g. {fam.config_cls.__name__}.preset(...)")
+            raise ConfigError(f"{path} stores no config: pass one, e.g. {fam.config_cls.__name__}.preset(...)")
         config = stored_config
     elif stored_config is not None:
         # Keys and shapes would not catch e.g. a different activation: refuse any difference.

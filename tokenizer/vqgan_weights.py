@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tokenizer.common.errors import BadFileError, ConfigError
 from tokenizer.common.io import load_weights_file
 
 WEIGHTS = ("auto", "ema", "raw")
@@ -30,13 +31,13 @@ def load_official(path: str | Path) -> dict:
     """A tokenizer checkpoint, weights only (tokenizer.common.io.load_weights_file), that must be a dict."""
     blob = load_weights_file(path, "tokenizer checkpoint")
     if not isinstance(blob, dict):
-        raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict checkpoint")
+        raise BadFileError(f"{path} holds a {type(blob).__name__}, not a dict checkpoint")
     return blob
 
 
 def _check_choice(weights: str) -> None:
     if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r} is not one of {WEIGHTS}")
+        raise ConfigError(f"weights={weights!r} is not one of {WEIGHTS}")
 
 
 def llamagen_to_vqgan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,7 +66,7 @@ def read_llamagen(path: str | Path, weights: str = "auto") -> tuple[dict, str]:
     blob = load_official(path)
     which = "ema" if weights == "ema" else "model"
     if not isinstance(blob.get(which), dict):
-        raise ValueError(f"{path} has no {which!r} weights (weights={weights!r}); its entries: {sorted(map(str, blob))}")
+        raise BadFileError(f"{path} has no {which!r} weights (weights={weights!r}); its entries: {sorted(map(str, blob))}")
     return llamagen_to_vqgan(blob[which]), which
 
 
@@ -80,7 +81,7 @@ def _ibq_ema(sd: dict, path) -> dict:
             else:
                 missing.append(ema_key)
     if missing:
-        raise ValueError(f"{path}: EMA weights missing for {len(missing)} keys: {', '.join(missing)}")
+        raise BadFileError(f"{path}: EMA weights missing for {len(missing)} keys: {', '.join(missing)}")
     return out
 
 
@@ -90,15 +91,15 @@ def read_ibq(path: str | Path, weights: str = "auto") -> tuple[dict, str]:
     blob = load_official(path)
     sd = blob.get("state_dict")
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint with a 'state_dict'; its entries: {sorted(map(str, blob))}")
+        raise BadFileError(f"{path} is not a Lightning checkpoint with a 'state_dict'; its entries: {sorted(map(str, blob))}")
     if not any(k.startswith(TOKENIZER_PREFIXES) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
         if weights == "raw":
-            raise ValueError(f"{path} is an IBQ-AR checkpoint: its tokenizer (first_stage_model.*) holds EMA weights only")
+            raise BadFileError(f"{path} is an IBQ-AR checkpoint: its tokenizer (first_stage_model.*) holds EMA weights only")
         n = len("first_stage_model.")
         return {k[n:]: v for k, v in sd.items() if k.startswith("first_stage_model.")}, "first_stage_model"
     has_ema = any(k.startswith("model_ema.") for k in sd)
     if weights == "ema" and not has_ema:
-        raise ValueError(f"{path} has no model_ema.* weights: pass weights=raw")
+        raise BadFileError(f"{path} has no model_ema.* weights: pass weights=raw")
     if weights == "raw" or (weights == "auto" and not has_ema):
         return {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}, "raw"
     ema = _ibq_ema(sd, path)

@@ -17,6 +17,10 @@ class BadFileError(UserError, ValueError):
     """A file exists but is unreadable, truncated, damaged, or not what it should be."""
 
 
+class DamagedFileError(BadFileError):
+    """A file that cannot be read as what it claims to be: truncated, corrupted, failing its checksums."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the command names does not exist."""
 

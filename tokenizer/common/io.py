@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer.common.errors import BadFileError, MissingFileError, UserError
+from tokenizer.common.errors import BadFileError, DamagedFileError, MissingFileError, UserError
 
 VERIFY_ENV = "MGVQ_VERIFY_CHECKPOINTS"  # 0: skip the CRC check of weights files (seconds per GB, README)
 
@@ -57,7 +57,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 @contextlib.contextmanager
 def reading(path: str | os.PathLike, what: str, hint: str = "") -> Iterator[None]:
     """Inside it, a failure to read `path` becomes an error naming `what` and the path: MissingFileError when it
-    does not exist, BadFileError when it is unreadable, truncated or damaged (the reader's own message kept)."""
+    does not exist, DamagedFileError when it is unreadable, truncated or damaged (the reader's own message kept)."""
     try:
         yield
     except UserError:
@@ -66,7 +66,7 @@ def reading(path: str | os.PathLike, what: str, hint: str = "") -> Iterator[None
         raise MissingFileError(f"{what} {path} does not exist") from None
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError,
             zlib.error) as e:
-        raise BadFileError(f"{what} {path} is unreadable or damaged ({type(e).__name__}: {str(e)[:300]})"
+        raise DamagedFileError(f"{what} {path} is unreadable or damaged ({type(e).__name__}: {str(e)[:300]})"
                            + (f": {hint}" if hint else "")) from e
 
 
@@ -118,7 +118,7 @@ def _member_crc_ok(path: Path, info: zipfile.ZipInfo, chunk_bytes: int, bar: tqd
 
 def verify_zip(path: str | os.PathLike, what: str, *, chunk_bytes: int = 1 << 23, threads: int | None = None) -> bool:
     """Check every member of a zip file (torch.save's format) against the CRC-32 its zip records: damage anywhere
-    inside raises BadFileError naming the file and the member. False for a file that is not a zip (the legacy
+    inside raises DamagedFileError naming the file and the member. False for a file that is not a zip (the legacy
     torch format carries no checksums), True when it was checked. torch.load itself never checks the CRCs.
     Members are checked on `threads` threads (default: the CPU count, at most 8)."""
     path = Path(path)
@@ -134,7 +134,7 @@ def verify_zip(path: str | os.PathLike, what: str, *, chunk_bytes: int = 1 << 23
             ok = list(pool.map(lambda info: _member_crc_ok(path, info, chunk_bytes, bar), members))
     bad = [info.filename for info, good in zip(members, ok) if not good]
     if bad:
-        raise BadFileError(f"{what} {path} is damaged: the bytes of {len(bad)} member(s) ({', '.join(bad[:3])}) do "
+        raise DamagedFileError(f"{what} {path} is damaged: the bytes of {len(bad)} member(s) ({', '.join(bad[:3])}) do "
                            f"not match their CRC-32: {hint}")
     return True
 

@@ -14,12 +14,14 @@ the same process, e.g. after an exception, needs no release first).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
@@ -137,3 +139,16 @@ def unlock_out_dir(out_dir: str | os.PathLike, state=None) -> None:
         state.wait_for_everyone()
     if state is None or state.is_main_process:
         release(out_dir)
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str | os.PathLike, state=None) -> Iterator[None]:
+    """`lock_out_dir` for the body; released after it, by `unlock_out_dir` when it ends well, at once (no waiting
+    for the other ranks, which may be anywhere) when it raises."""
+    lock_out_dir(out_dir, state)
+    try:
+        yield
+    except BaseException:
+        release(out_dir)
+        raise
+    unlock_out_dir(out_dir, state)

@@ -224,11 +224,11 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __init__(self, plan: Callable[[int], tuple[np.ndarray, np.ndarray]], num_items: int, global_batch_size: int,
                  grad_accum: int = 1, rank: int = 0, world_size: int = 1, start_step: int = 0):
         if global_batch_size % (world_size * grad_accum):
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+            raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by "
                              f"num_processes * grad_accum = {world_size} * {grad_accum}")
         self.steps_per_epoch = num_items // global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"global_batch_size={global_batch_size} exceeds the {num_items} usable items")
+            raise ConfigError(f"global_batch_size={global_batch_size} exceeds the {num_items} usable items")
         self.plan, self.global_batch_size, self.grad_accum = plan, global_batch_size, grad_accum
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size = global_batch_size // (world_size * grad_accum)
@@ -268,7 +268,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, max_steps: 
     from transformers import get_scheduler
 
     if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule={cfg.lr_schedule!r}: choose one of {sorted(LR_SCHEDULES)}")
+        raise ConfigError(f"lr_schedule={cfg.lr_schedule!r}: choose one of {sorted(LR_SCHEDULES)}")
     return get_scheduler(LR_SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=max_steps)
 
@@ -351,7 +351,7 @@ class Trainer:
         built after `prepare`, from the model's shards (ShardedEMA). Returns the prepared objects."""
         set_seed(self.cfg.seed, device_specific=True)  # dropout / masking streams differ per rank from here on
         if self.cfg.ema and self.is_fsdp and ema_of is not None:
-            raise ValueError("ema of a part of the model is not supported with FSDP: set ema=0")
+            raise ConfigError("ema of a part of the model is not supported with FSDP: set ema=0")
         if self.cfg.ema and not self.is_fsdp:
             self.ema = EMA(ema_of if ema_of is not None else model, self.cfg.ema)
             self.ema.model.to(self.device)
