@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from gpt.config import GPTConfig
 from tokenizer.common.errors import UserError
@@ -26,23 +27,32 @@ def register_presets() -> None:
         store.store(group="model", name=name, node=model)
 
 
+def message(error: Exception) -> str:
+    """An expected error's message; OmegaConf's on one line, led by the key at fault."""
+    if isinstance(error, UserError):
+        return str(error).strip()
+    first = str(error).strip().splitlines()[0]
+    return f"{error.full_key}: {first}" if getattr(error, "full_key", None) else first
+
+
 def main(config_name: str, schema: type, fn, report=None) -> None:
     """Run `fn(config)` on conf/<config_name>.yaml merged onto `schema` (unknown keys and wrong types fail here,
     before any work) with the command line's overrides; `report(result)` prints what it returned.
 
     An expected error (tokenizer.common.errors.UserError: a bad setting, a missing or damaged file, an out_dir in
-    use) prints its message, which names the culprit, and exits with status 1, without a traceback;
+    use; or OmegaConf's for a required value left unset or a value of the wrong type) prints its message, which names the culprit, and exits with status 1, without a traceback;
     HYDRA_FULL_ERROR=1 shows the traceback anyway. Any other exception keeps its traceback."""
     register_presets()
 
     @hydra.main(version_base=None, config_path=str(CONF), config_name=config_name)
     def entry(cfg: DictConfig) -> None:
-        try:
-            result = fn(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg)))
-        except UserError as e:
+        try:  # a required value left at ??? or a value of the wrong type is the user's to fix, as a UserError
+            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+            result = fn(config)
+        except (UserError, MissingMandatoryValue, ValidationError) as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {message(e)}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         if report is not None:
             report(result)

@@ -234,21 +234,15 @@ def test_a_truncated_png_is_named(tmp_path):
         write_npz(tmp_path / "samples.npz", png, 3, 10)
 
 
-def test_a_truncated_codes_file_is_named_on_resume(tmp_path, golden):
-    """A partial store whose codes.npy was cut short: the resumed extraction names the file (it used to say
-    'mmap length is greater than file size' and nothing else)."""
-    tiny = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
-    cfg = extract_config(golden, tiny, tmp_path / "codes")
-    extract(cfg)
-    (tmp_path / "codes" / "meta.json").rename(tmp_path / "codes" / "spec.json")  # as if interrupted
-    np.save(tmp_path / "codes" / "done.npy", np.zeros(6, np.uint8))
-    codes = tmp_path / "codes" / "codes.npy"
+def test_a_truncated_codes_file_is_named(tmp_path, golden):
+    """A code store whose codes.npy was cut short: training names the file (the message used to be 'mmap length
+    is greater than file size' after the store's directory)."""
+    store = write_store(tmp_path / "codes", golden)
+    codes = store / "codes.npy"
     codes.write_bytes(codes.read_bytes()[:-100])
-    spec = json.loads((tmp_path / "codes" / "spec.json").read_text())
-    spec.pop("bad_files")
-    (tmp_path / "codes" / "spec.json").write_text(json.dumps(spec))
-    with pytest.raises(BadFileError, match=f"code store file {codes} is unreadable"):
-        extract(cfg)
+    with pytest.raises(BadFileError, match=f"code store file {codes} is unreadable or damaged"):
+        T.train(train_config(store, tmp_path / "run", golden))
+    assert not (tmp_path / "run").exists()
 
 
 # ---- 5: a store's meta.json is checked against its codes ----------------------------------------------------
@@ -298,11 +292,13 @@ SCRIPT_PROBES = [
     ("evaluate.py", ["samples=s.npz", "reference=r.npz", "inception_weights=missing.pth"], "missing.pth"),
     ("demo_gen.py", ["gpt_ckpt=g.pt", "tokenizer.checkpoint=t.pt", "sampler.top_p=2"], "sampler.top_p=2"),
     ("train_tokenizer.py", ["data.root=r", "out_dir=o", "lr=-1"], "lr=-1"),
-    ("eval_recon.py", ["data.root=missing_dir", "tokenizer.checkpoint=t.pt"], "missing_dir"),
+    ("eval_recon.py", ["data.root=missing_dir", "tokenizer.checkpoint=t.pt", "out=r.json"], "missing_dir"),
+    ("train_gpt.py", ["data.codes_dir=c", "tokenizer.checkpoint=t.pt", "lr=1e-4"], "missing mandatory value: out_dir"),
+    ("extract_codes.py", ["data.root=r", "tokenizer.checkpoint=t.pt", "out_dir=o", "batch_size=many"], "batch_size"),
 ]
 
 
-@pytest.mark.parametrize("script, args, culprit", SCRIPT_PROBES, ids=[s for s, _, _ in SCRIPT_PROBES])
+@pytest.mark.parametrize("script, args, culprit", SCRIPT_PROBES, ids=[f"{s}-{a[-1]}" for s, a, _ in SCRIPT_PROBES])
 def test_every_script_ends_an_expected_error_with_one_line_naming_the_culprit(repo, tmp_path, script, args, culprit):
     result = subprocess.run([sys.executable, str(repo / "scripts" / script), *args], cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"},
