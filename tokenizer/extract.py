@@ -102,12 +102,15 @@ def extract(cfg: ExtractConfig) -> dict:
     checkpoint = cfg.tokenizer.require_checkpoint("the weights file the codes are made with")
     if not Path(checkpoint).is_file():
         raise MissingFileError(f"tokenizer.checkpoint={checkpoint} is not a file")
-    # Loaded (and so checked) before the out_dir is touched: a bad file leaves nothing a corrected rerun refuses.
-    model = cfg.tokenizer.load()
-    arch = model.config
-
+    # The architecture the ref names, else the file's own (loaded now); a store made with other settings is
+    # refused before the load, and the load (which checks the file) comes before the out_dir is touched, so a bad
+    # file leaves nothing that would refuse the corrected command.
+    model = None if cfg.tokenizer.config is not None else cfg.tokenizer.load()
+    arch = cfg.tokenizer.config if model is None else model.config
     files, labels, classes = list_images(cfg.data.root)
     spec = build_spec(cfg, arch, files, labels, classes, precision)
+    StoreWriter(cfg.out_dir, spec).check()  # read-only; checked again under the lock
+    model = model or cfg.tokenizer.load()
     with out_dir_lock(cfg.out_dir, accelerator):
         fill_store(cfg, accelerator, model, spec, files, labels)
     return CodeStore(cfg.out_dir).meta
