@@ -71,7 +71,7 @@ class RunConfig:
         v.optional_integer(self.max_steps, "max_steps", low=1)
         v.integer(self.global_batch_size, "global_batch_size", low=1)
         v.integer(self.grad_accum, "grad_accum", low=1)
-        v.number(self.lr, "lr", low=0, low_open=True)
+        v.number(self.lr, "lr", low=0)
         v.number(self.weight_decay, "weight_decay", low=0)
         if len(v.per_group(self.betas, "betas", low=0, high=1, high_open=True)) != 2:
             raise ConfigError(f"betas={self.betas}: expected two numbers in [0, 1)")
@@ -401,9 +401,10 @@ class Trainer:
                 f"{last[-1] if last else 'none (no checkpoint written yet)'}")
 
     def end(self) -> None:
-        """accelerate's end of training (trackers), then the out_dir's lock is released."""
-        self.accelerator.end_training()
+        """The out_dir's lock released (once every rank is done), then accelerate's end of training (trackers; it
+        takes the process group down)."""
         unlock_out_dir(self.out_dir, self.accelerator)
+        self.accelerator.end_training()
 
     def run(self, max_steps: int, step_fn: Callable[[], dict[str, torch.Tensor]], *, ema_source: nn.Module | None = None,
             describe: Callable[[dict, dict, int, float], dict], lr: Callable[[], float], state: Callable[[int], dict],
