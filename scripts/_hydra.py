@@ -9,11 +9,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from gpt.config import GPTConfig
-from tokenizer.common.errors import UserError
+from sampling import zoo
+from tokenizer.common.errors import ConfigError, UserError
 from tokenizer.families import named_refs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -25,6 +27,24 @@ def register_presets() -> None:
         store.store(group="tokenizer", name=name, node=ref)
     for name, model in GPTConfig.named_presets().items():
         store.store(group="model", name=name, node=model)
+
+
+def apply_zoo(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """`zoo=<name>`: the entry's files (inside ckpt_dir) and settings replace the yaml's defaults, and every
+    KEY=VALUE of the command line (`overrides`) keeps the value it gave."""
+    if not cfg.get("zoo"):
+        return cfg
+    entry = zoo.get(cfg.zoo)
+    if not cfg.get("ckpt_dir"):
+        raise ConfigError(f"zoo={cfg.zoo} needs ckpt_dir=<folder holding {entry.gpt_file} and {entry.tokenizer_file}>")
+    out = cfg.copy()
+    for key, value in zoo.run_fields(entry, cfg.ckpt_dir).items():
+        OmegaConf.update(out, key, value, merge=False)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not key.startswith("hydra"):
+            OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
+    return out
 
 
 def message(error: Exception) -> str:
@@ -40,13 +60,15 @@ def main(config_name: str, schema: type, fn, report=None) -> None:
     before any work) with the command line's overrides; `report(result)` prints what it returned.
 
     An expected error (tokenizer.common.errors.UserError: a bad setting, a missing or damaged file, an out_dir in
-    use; or OmegaConf's for a required value left unset or a value of the wrong type) prints its message, which names the culprit, and exits with status 1, without a traceback;
-    HYDRA_FULL_ERROR=1 shows the traceback anyway. Any other exception keeps its traceback."""
+    use; OmegaConf's for a required value left unset or a value of the wrong type) prints its message, which
+    names the culprit, and exits with status 1 without a traceback; HYDRA_FULL_ERROR=1 shows the traceback
+    anyway. Any other exception keeps its traceback."""
     register_presets()
 
     @hydra.main(version_base=None, config_path=str(CONF), config_name=config_name)
     def entry(cfg: DictConfig) -> None:
         try:  # a required value left at ??? or a value of the wrong type is the user's to fix, as a UserError
+            cfg = apply_zoo(cfg, HydraConfig.get().overrides.task)
             config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
             result = fn(config)
         except (UserError, MissingMandatoryValue, ValidationError) as e:
