@@ -48,6 +48,17 @@ class ExtractConfig:
     precision: str = "fp32"
     merged: bool = False  # also keep the merged form (mergevq: K codes in merge order + token map per view)
 
+    def check(self) -> None:
+        """Every setting of the right type and in range, before anything is loaded or written."""
+        v.non_empty(self.data.root, "data.root")
+        v.integer(self.data.image_size, "data.image_size", low=1)
+        num_views(self.data.views)
+        v.number(self.data.crop_range, "data.crop_range", low=1)
+        v.non_empty(self.out_dir, "out_dir")
+        v.integer(self.batch_size, "batch_size", low=1)
+        v.integer(self.num_workers, "num_workers", low=0)
+        check_precision(self.precision)
+
 
 # Families whose encoders run faster channels_last on a CPU: oneDNN's NHWC convolutions run LlamaGen's VQ-16 encoder
 # 1.4x faster here with the same codes (README, benchmarks). The others are not measured and keep the default layout.
@@ -63,18 +74,6 @@ def native_cpu_bf16() -> bool:
     private checks; a torch without them counts as no."""
     return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
                                                                        "_is_amx_tile_supported"))
-
-    def check(self) -> None:
-        """Every setting of the right type and in range, before anything is loaded or written."""
-        v.non_empty(self.data.root, "data.root")
-        v.integer(self.data.image_size, "data.image_size", low=1)
-        num_views(self.data.views)
-        v.number(self.data.crop_range, "data.crop_range", low=1)
-        v.non_empty(self.out_dir, "out_dir")
-        v.integer(self.batch_size, "batch_size", low=1)
-        v.integer(self.num_workers, "num_workers", low=0)
-        check_precision(self.precision)
-
 
 class BadImageError(UserError, RuntimeError):
     """An image could not be read and data.skip_bad is false."""
