@@ -53,13 +53,18 @@ def read_file(path: str | os.PathLike) -> dict:
     return blob
 
 
+def is_project_file(blob: dict) -> bool:
+    """Whether file contents are this project's `{"model", "config", "family"}` (else an official layout)."""
+    return isinstance(blob.get("config"), dict) and is_state_dict(blob.get("model"))
+
+
 def read_weights(blob: dict, path: Path, family: str, weights: str) -> tuple[Any, dict, str]:
     """(stored config or None, state dict in the family's key names, which entry) of a tokenizer file's contents
     `blob` (read_file): this project's `{"model", "config", "family"}` or the family's official layout (read by
     the family)."""
     check_weights_choice(weights)
     fam = get_family(family)
-    if isinstance(blob.get("config"), dict) and is_state_dict(blob.get("model")):
+    if is_project_file(blob):
         stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
         if stored_family != family:
             raise ConfigError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
@@ -84,12 +89,23 @@ def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "m
         fam.check_config(config)
     blob = read_file(path)
     try:
-        stored_config, state_dict, which = read_weights(blob, path, family, weights)
-    except (LayoutError, ValueError, KeyError) as e:
+        model, state_dict = _checked_weights(blob, path, fam, config, weights)
+    except (LayoutError, ValueError, KeyError) as e:  # an official file of another family says which one it is
         raise _other_family_hint(blob, path, family) or e
+    # Floating tensors become float32 (a checkpoint may be saved in half precision); counters keep their dtype.
+    state_dict = {k: v.to(map_location).float() if v.is_floating_point() else v.to(map_location)
+                  for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _checked_weights(blob: dict, path: Path, fam, config, weights: str) -> tuple[torch.nn.Module, dict]:
+    """(the family's model built on the meta device, the file's state dict whose keys and shapes match it
+    exactly) for the contents `blob` of tokenizer file `path`, its config given or stored."""
+    stored_config, state_dict, which = read_weights(blob, path, fam.name, weights)
     if config is None:
         if stored_config is None:
-            raise ConfigError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
+            raise ConfigError(f"{path}: an official {fam.name} checkpoint stores no config: pass one, e.g. "
                               f"{fam.config_cls.__name__}.preset(...)")
         config = stored_config
     elif stored_config is not None:
@@ -99,11 +115,7 @@ def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "m
     with torch.device("meta"):
         model = fam.model_cls(config)
     check_state_dict(model, state_dict, f"{path} ({which!r} weights)")
-    # Floating tensors become float32 (a checkpoint may be saved in half precision); counters keep their dtype.
-    state_dict = {k: v.to(map_location).float() if v.is_floating_point() else v.to(map_location)
-                  for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return model, state_dict
 
 
 def _key_layout(keys) -> set[str]:
@@ -132,8 +144,9 @@ def fitting_families(blob: dict, path, but: str) -> list[str]:
 
 def _other_family_hint(blob: dict, path, family: str) -> LayoutError | None:
     """The error for an official file of another family than `family`, naming the family whose layout it has and
-    its presets; None when it fits none (the reader's own error then stands)."""
-    fits = fitting_families(blob, path, family)
+    its presets; None when it fits none or is this project's file, which names its family (the first error then
+    stands)."""
+    fits = [] if is_project_file(blob) else fitting_families(blob, path, family)
     if not fits:
         return None
     presets = sorted(n for n, ref in named_refs().items() if ref.family in fits)
