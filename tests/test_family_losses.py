@@ -32,7 +32,7 @@ def close(actual, expected, atol=1e-12):
 def test_lfq_terms_and_gradient(repo, case):
     f = fixture(repo, "open_magvit2")["lfq"][case]
     x = f["x"].clone().requires_grad_(True)
-    quantized, terms = lookup_free(x)
+    quantized, terms = lookup_free(x, 0.01)
     close(quantized, f["quantized"])
     close(terms["sample_entropy"], f["per_sample_entropy"])
     close(terms["codebook_entropy"], f["codebook_entropy"])
@@ -44,7 +44,7 @@ def test_lfq_terms_and_gradient(repo, case):
     grad, = torch.autograd.grad(loss, x)
     close(grad, f["grad_x"])
     x2 = f["x"].clone().requires_grad_(True)
-    _, t2 = lookup_free(x2)
+    _, t2 = lookup_free(x2, 0.01)
     grad_entropy, = torch.autograd.grad(w["entropy"] * (t2["sample_entropy"] - t2["codebook_entropy"]), x2)
     close(grad_entropy, f["grad_x_entropy"])
 
@@ -65,7 +65,7 @@ def test_lfq_entropy_equals_materialised_softmax():
 def test_lfq_has_no_codebook_gradient():
     """LFQ's codes are fixed sign vectors: the quantizer has nothing trainable, only the encoder gets gradients."""
     x = torch.randn(2, 4, 2, 2, requires_grad=True)
-    q, terms = lookup_free(x)
+    q, terms = lookup_free(x, 0.01)
     (q.sum() + terms["commit"] + terms["sample_entropy"] - terms["codebook_entropy"]).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
@@ -95,7 +95,7 @@ def test_llamagen_vq_terms_and_gradients(repo):
     f = fixture(repo, "llamagen_vq")["quantizer"]
     z = f["z"].clone().requires_grad_(True)
     weight = f["embedding"].clone().requires_grad_(True)
-    z_q, codes, terms = cosine_vq(z, weight, f["beta"])
+    z_q, codes, terms = cosine_vq(z, weight, f["beta"], 0.01)
     assert torch.equal(codes, f["codes"].long())
     close(z_q, f["z_q"])
     close(terms["vq"], f["vq_loss"])

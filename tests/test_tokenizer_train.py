@@ -16,16 +16,15 @@ from safetensors.torch import load_file
 from tokenizer import MGVQ, MGVQConfig, TokenizerRef, load_tokenizer
 from tokenizer.common.runs import GlobalBatchSampler
 from tokenizer.losses import LPIPS, charbonnier, hinge_d_loss, hinge_g_loss, l2
+from tokenizer.autoencoders import code_counts, reseed_dead_codes
 from tokenizer.quantizer import MultiGroupQuantizer
+from tokenizer.recipes import LossConfig
 from tokenizer.train import (
     CodebookConfig,
     ImageDataConfig,
     ImageFolderImages,
-    LossConfig,
     TrainTokenizerConfig,
     build_tokenizer,
-    code_counts,
-    reseed_dead_codes,
     train,
 )
 
@@ -133,7 +132,7 @@ def test_nested_masking_drops_trailing_groups_with_the_configured_probabilities(
     probs = [0.0, 0.2, 0.5, 0.7]
     tok = build_tokenizer(TokenizerRef(config=MGVQConfig.from_dict({**TINY, "codebook_groups": 4})),
                           LossConfig(mask_probs=probs))
-    q = tok.quantize
+    q = tok.tokenizer.quantize
     z = torch.randn(1, 8, 2, 2)
     n, masked = 3000, torch.zeros(4)
     for _ in range(n):
@@ -169,7 +168,9 @@ def test_straight_through_gradient_is_the_identity_on_the_normalised_latent():
 
 def test_code_counts():
     codes = torch.tensor([[[[0, 3], [1, 3]], [[2, 3], [3, 3]]]])  # (1, 2, 2, G=2), K = 4
-    torch.testing.assert_close(code_counts(codes, 4), torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 4]]))
+    torch.testing.assert_close(code_counts(codes, [4, 4]), torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 4]))
+    # Groups of different sizes (Open-MAGVIT2's factorized sub-tokens): each group's codes after the previous ones'.
+    torch.testing.assert_close(code_counts(codes, [4, 2**3]), torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 4, 0, 0, 0, 0]))
 
 
 def test_reseed_replaces_dead_codes_with_encoder_outputs():
@@ -234,7 +235,7 @@ def test_training_lowers_the_loss_and_the_export_round_trips(digits, tmp_path):
     loaded = load_tokenizer(path)
     trained = MGVQ(MGVQConfig.from_dict(TINY))
     state = load_file(out / "checkpoints" / "step_0000030" / "model.safetensors")
-    trained.load_state_dict({k.removeprefix("mgvq."): v for k, v in state.items()})
+    trained.load_state_dict({k.removeprefix("tokenizer."): v for k, v in state.items()})
     trained.eval()
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     codes = trained.encode_codes(x)

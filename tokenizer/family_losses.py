@@ -78,25 +78,31 @@ def _grid(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.view(B, h, w, d).permute(0, 3, 1, 2)
 
 
-def cosine_vq(z: torch.Tensor, weight: torch.Tensor, beta: float, temperature: float = 0.01):
+def _with_entropy(terms: dict, logits: torch.Tensor, temperature: float | None) -> dict:
+    """The terms plus sample_entropy / codebook_entropy of softmax(logits / T); temperature None: not computed."""
+    if temperature is not None:
+        terms["sample_entropy"], terms["codebook_entropy"] = entropy_terms(logits, temperature)
+    return terms
+
+
+def cosine_vq(z: torch.Tensor, weight: torch.Tensor, beta: float, temperature: float | None = None):
     """LlamaGen's l2-normalised VQ on z (B, d, h, w) with codebook `weight` (K, d). Returns z_q (B, d, h, w)
-    (straight-through, as the decoder sees it), codes (B, h, w) and the terms {vq, commit, sample_entropy,
-    codebook_entropy} (the entropy pair on affinities -||z - e||^2, which LlamaGen weighs by entropy_loss_ratio)."""
+    (straight-through, as the decoder sees it), codes (B, h, w) and the terms {vq, commit} plus, given a
+    temperature, {sample_entropy, codebook_entropy} on affinities -||z - e||^2 (LlamaGen's entropy_loss_ratio)."""
     zn = F.normalize(_pixels(z), dim=-1)
     table = F.normalize(_wide(weight), dim=-1)
     dist = zn.square().sum(-1, keepdim=True) + table.square().sum(-1) - 2 * zn @ table.t()  # (N, K)
     codes = dist.detach().argmin(dim=-1)
     e = table[codes]
-    sample, codebook = entropy_terms(-dist, temperature)
-    terms = {"vq": (e - zn.detach()).square().mean(), "commit": beta * (e.detach() - zn).square().mean(),
-             "sample_entropy": sample, "codebook_entropy": codebook}
+    terms = _with_entropy({"vq": (e - zn.detach()).square().mean(), "commit": beta * (e.detach() - zn).square().mean()},
+                          -dist, temperature)
     z_q = zn + (e - zn).detach()
     return _grid(z_q, z), codes.view(z.shape[0], *z.shape[2:]), terms
 
 
-def index_propagation(z: torch.Tensor, weight: torch.Tensor, beta: float, temperature: float = 0.01):
+def index_propagation(z: torch.Tensor, weight: torch.Tensor, beta: float, temperature: float | None = None):
     """IBQ's index-propagation quantizer on z (B, d, h, w) with codebook `weight` (K, d). Returns z_q (B, d, h, w),
-    codes (B, h, w) and the terms {quant, sample_entropy, codebook_entropy} (entropies at temperature T)."""
+    codes (B, h, w) and the terms {quant} plus, given a temperature, the entropy pair of softmax(z . E / T)."""
     flat, table = _pixels(z), _wide(weight)
     logits = flat @ table.t()  # (N, K)
     soft = logits.softmax(dim=-1)
@@ -105,18 +111,17 @@ def index_propagation(z: torch.Tensor, weight: torch.Tensor, beta: float, temper
     z_q = (hard - soft.detach() + soft) @ table  # the hard row's value, the softmax's gradient
     e = table[codes]
     quant = (z_q - flat).square().mean() + (e.detach() - flat).square().mean() + beta * (e - flat.detach()).square().mean()
-    sample, codebook = entropy_terms(logits, temperature)
-    return _grid(z_q, z), codes.view(z.shape[0], *z.shape[2:]), {"quant": quant, "sample_entropy": sample,
-                                                                 "codebook_entropy": codebook}
+    return _grid(z_q, z), codes.view(z.shape[0], *z.shape[2:]), _with_entropy({"quant": quant}, logits, temperature)
 
 
-def lookup_free(z: torch.Tensor, temperature: float = 0.01):
+def lookup_free(z: torch.Tensor, temperature: float | None = None):
     """Open-MAGVIT2's LFQ on z (B, d, h, w). Returns the straight-through sign latent (B, d, h, w) and the terms
-    {commit, sample_entropy, codebook_entropy}."""
+    {commit} (unweighted, as the official LFQ returns it) plus, given a temperature, the entropy pair."""
     flat = _pixels(z)
     signs = torch.where(flat > 0, 1.0, -1.0)
-    sample, codebook = lfq_entropy_terms(flat, temperature)
-    terms = {"commit": (flat - signs).square().mean(), "sample_entropy": sample, "codebook_entropy": codebook}
+    terms = {"commit": (flat - signs).square().mean()}
+    if temperature is not None:
+        terms["sample_entropy"], terms["codebook_entropy"] = lfq_entropy_terms(flat, temperature)
     return _grid(flat + (signs - flat).detach(), z), terms
 
 
