@@ -10,13 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
-from PIL import Image
 from safetensors.torch import load_file
 
 from tokenizer import MGVQ, MGVQConfig, TokenizerRef, load_tokenizer
+from tokenizer.autoencoders import code_counts, reseed_dead_codes
 from tokenizer.common.runs import GlobalBatchSampler
 from tokenizer.losses import LPIPS, charbonnier, hinge_d_loss, hinge_g_loss, l2
-from tokenizer.autoencoders import code_counts, reseed_dead_codes
 from tokenizer.quantizer import MultiGroupQuantizer
 from tokenizer.recipes import LossConfig
 from tokenizer.train import (
@@ -37,22 +36,6 @@ TINY = {
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory, repo) -> Path:
-    """64 handwritten digits (16x16 RGB PNGs) as an ImageFolder: the first 64 that scripts/make_digits.py exports."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(repo / "scripts" / "make_digits.py"), "--out", str(out), "--size", "16"],
-                   check=True, capture_output=True, timeout=120)
-    root = tmp_path_factory.mktemp("digits64")
-    for path in sorted((out / "train").rglob("*.png"), key=lambda p: p.name)[:64]:  # names are load_digits indices
-        (root / path.parent.name).mkdir(exist_ok=True)
-        Image.open(path).save(root / path.parent.name / path.name)
-    return root
 
 
 def run_config(root: Path, out_dir: Path, **overrides) -> TrainTokenizerConfig:

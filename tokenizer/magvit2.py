@@ -28,6 +28,9 @@ EPS = 1e-6
 PRESETS = {
     "open-magvit2-f16": {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
     "open-magvit2-f8": {"ch": 128, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
+    # The quickstart's: 16x16 digits -> 4x4 codes of 12 bits, two 64-code sub-tokens.
+    "open-magvit2-digits": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 12,
+                            "factorized_bits": [6, 6]},
 }
 RELEASED_FACTORIZED_BITS = [6, 12]
 
@@ -267,10 +270,6 @@ class OpenMagvit2(nn.Module):
         if groups_to_use is not None:
             quant = quant * (group < groups_to_use)
         return quant.permute(0, 3, 1, 2).contiguous()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (no straight-through estimator: this project does not train this family)."""
-        return self.decode(self.dequantize(self.quantize(self.encode(x))))
 
     @torch.no_grad()
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
