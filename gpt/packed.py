@@ -11,11 +11,22 @@ rounding (another summation order), not bit for bit.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 _PACK_ROWS = 64  # oneDNN's row-count hint (8..256 within 5% at 8..128 rows here); a pack serves any row count
+# oneDNN's packing ops are private to torch (torch.ops.mkldnn._*): where a torch lacks any of them, nothing is
+# packed and every layer runs through F.linear, with the same results.
+_ONEDNN_OPS = ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported")
+
+
+@functools.cache
+def packing_available() -> bool:
+    """oneDNN is built in and this torch has every op the packs need."""
+    return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, op) for op in _ONEDNN_OPS)
 
 
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -77,7 +88,7 @@ class WeightPack:
         order; None where none applies (another device or dtype, no oneDNN)."""
         if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
             return None
-        if not torch.backends.mkldnn.is_available():
+        if not packing_available():
             return None
         bf16 = _bf16_autocast()
         if bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():

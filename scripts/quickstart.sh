@@ -11,15 +11,9 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 OUT=${QUICKSTART_OUT:-runs/quickstart}
 
-# The same set-up as scripts/test.sh: .venv when missing, torch and torchvision pinned together first.
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-PY=.venv/bin/python
-if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
-    "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-fi
-"$PY" -m pip install -q -e .
+# The same set-up as scripts/test.sh: .venv from requirements.lock.
+source scripts/_env.sh
+setup_env .venv locked
 
 # One thread per process: two processes fill the two cores, and more threads only fight over them.
 export OMP_NUM_THREADS=1 ACCELERATE_USE_CPU=true HYDRA_FULL_ERROR=1

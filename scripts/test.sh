@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Set up .venv in the repository root (when missing) and run the test suite.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/test_gpt.py -x`.
+# Set up .venv in the repository root from requirements.lock and run the test suite.
+#   bash scripts/test.sh                        the locked versions (what CI runs)
+#   bash scripts/test.sh --latest               the newest versions pyproject allows, in .venv-latest: finds a
+#                                               breaking upstream release before a new user does
+# Further arguments go to pytest, e.g. `bash scripts/test.sh tests/test_gpt.py -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_env.sh
 
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+if [ "${1:-}" = --latest ]; then
+    shift
+    setup_env .venv-latest latest
+else
+    setup_env .venv locked "[test]"
 fi
-PY=.venv/bin/python
-# torch and torchvision first, pinned together: a lone torchvision from PyPI may not match the torch wheel.
-if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
-    "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-fi
-"$PY" -m pip install -q -e ".[test]"
 
 set +e
 "$PY" -m pytest -q "$@"

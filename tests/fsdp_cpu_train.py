@@ -12,7 +12,8 @@ FSDP by hand right after an Accelerator is built, with the plugin accelerate mad
 `accelerate launch --config_file conf/accelerate/fsdp.yaml` exported, and then runs the real entry point.
 
 Probes for the tests, from environment variables:
-    FSDP_PROBE=<file>      rank 0 writes the dtypes the loss function saw, as JSON lines
+    FSDP_PROBE=<file>      rank 0 writes, per loss call, the dtypes of the loss and per-group losses and the set of
+                           dtypes the model's linear layers computed in (their outputs) since the previous call
     FSDP_KILL_AT=<n>       the process exits (os._exit) when the loss function is called for the n-th time
 """
 import json
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 import accelerate
+import torch
 from accelerate import DistributedType
 from accelerate.state import PartialState
 from accelerate.utils import FullyShardedDataParallelPlugin
@@ -44,8 +46,23 @@ def _init_forcing_fsdp(self, *args, **kwargs):
     self.state.fsdp_plugin = plugin
 
 
+def _linear_dtypes() -> set:
+    """The dtypes every nn.Linear of the process computes in (its output dtype), through torch's public global
+    forward hook: whatever way the bf16 comes about (FSDP2's param_dtype, autocast), a matmul that ran in bf16
+    gives a bf16 output, and one that silently ran in float32 gives float32."""
+    seen = set()
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            seen.add(str(output.dtype))
+
+    torch.nn.modules.module.register_module_forward_hook(hook)
+    return seen
+
+
 def _probed(loss_fn):
     calls = []
+    linear = _linear_dtypes()
 
     def probe(logits, codes):
         calls.append(1)
@@ -54,8 +71,9 @@ def _probed(loss_fn):
         loss, per_group = loss_fn(logits, codes)
         if os.environ.get("FSDP_PROBE") and PartialState().is_main_process:
             with open(os.environ["FSDP_PROBE"], "a") as f:
-                f.write(json.dumps({"logits": str(logits.dtype), "loss": str(loss.dtype),
+                f.write(json.dumps({"linear": sorted(linear), "loss": str(loss.dtype),
                                     "per_group": str(per_group.dtype)}) + "\n")
+        linear.clear()
         return loss, per_group
 
     return probe

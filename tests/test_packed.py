@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt import GPT, GPTConfig
+import gpt.packed
 from gpt.packed import Linear
 from sampling import generate
 
@@ -148,6 +149,28 @@ def test_generate_runs_on_packs_and_leaves_none_behind():
     assert torch.equal(generate(twin, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1])),
                        generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1])))
     pickle.loads(pickle.dumps(model))
+
+
+def test_a_torch_without_the_private_packing_ops_samples_through_f_linear(monkeypatch):
+    """The packs use private torch ops (torch.ops.mkldnn._*). With one of them gone, nothing is packed, every GEMM
+    runs through F.linear, and the codes equal the packed run's (the tiny model's logits agree to rounding)."""
+    torch.manual_seed(0)
+    config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=2, num_classes=10,
+                              codebook_embed_dim=8, head="parallel", input_embedding="codebook")
+    model = GPT(config, codebook=torch.randn(32, 4)).eval()
+    packed = generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1]))
+    monkeypatch.setattr(gpt.packed, "_ONEDNN_OPS", gpt.packed._ONEDNN_OPS + ("_an_op_a_later_torch_removed",))
+    gpt.packed.packing_available.cache_clear()
+    try:
+        assert not gpt.packed.packing_available()
+        with OpLog() as log:
+            plain = generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1]))
+    finally:
+        monkeypatch.undo()
+        gpt.packed.packing_available.cache_clear()
+    assert "mkldnn._linear_pointwise" not in log.names and {"aten.mm", "aten.addmm"} & set(log.names)
+    assert torch.equal(plain, packed)
+    assert gpt.packed.packing_available()
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN on this CPU")
