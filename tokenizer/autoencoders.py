@@ -109,29 +109,30 @@ class MGVQAutoencoder(Autoencoder):
         return {"reseeded": reseeded}
 
 
-class CosineVQAutoencoder(Autoencoder):
-    """LlamaGen VQ: one L2-normalised codebook, codebook + commitment losses (and optionally its entropy loss)."""
+class CodebookAutoencoder(Autoencoder):
+    """A single-codebook VQGAN (tokenizer/vqgan.py) trained through `quantizer(z, weight, beta, temperature)`."""
+
+    quantizer = staticmethod(cosine_vq)
 
     def forward(self, x: torch.Tensor):
         tok = self.tokenizer
         z = tok.encode(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z_q, codes, terms = cosine_vq(z, tok.quantize.embedding.weight, self.loss.beta, self.temperature)
+            z_q, codes, terms = self.quantizer(z, tok.quantize.embedding.weight, self.loss.beta, self.temperature)
         return tok.decode(z_q.to(z.dtype)), codes[..., None], terms, z.detach()
+
+
+class CosineVQAutoencoder(CodebookAutoencoder):
+    """LlamaGen VQ: one L2-normalised codebook, codebook + commitment losses (and optionally its entropy loss)."""
 
     def aux_loss(self, terms: dict) -> torch.Tensor:
         return self.loss.codebook_weight * (terms["vq"] + terms["commit"]) + self.entropy_loss(terms)
 
 
-class IndexPropagationAutoencoder(Autoencoder):
+class IndexPropagationAutoencoder(CodebookAutoencoder):
     """IBQ: the straight-through one-hot over the whole codebook, its quantization loss and entropy loss."""
 
-    def forward(self, x: torch.Tensor):
-        tok = self.tokenizer
-        z = tok.encode(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            z_q, codes, terms = index_propagation(z, tok.quantize.embedding.weight, self.loss.beta, self.temperature)
-        return tok.decode(z_q.to(z.dtype)), codes[..., None], terms, z.detach()
+    quantizer = staticmethod(index_propagation)
 
     def aux_loss(self, terms: dict) -> torch.Tensor:
         return self.loss.codebook_weight * terms["quant"] + self.entropy_loss(terms)
