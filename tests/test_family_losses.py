@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.models.vgg import cfgs, make_layers
 
 from tokenizer.family_losses import (
     LeCAM,
@@ -15,7 +16,7 @@ from tokenizer.family_losses import (
     lookup_free,
     non_saturating_g_loss,
 )
-from tokenizer.losses import hinge_d_loss, hinge_g_loss
+from tokenizer.losses import LPIPS, hinge_d_loss, hinge_g_loss
 
 RTOL = 1e-5
 
@@ -150,3 +151,25 @@ def test_entropy_terms_by_hand():
     avg = (torch.tensor([0.5, 0.5]) + p) / 2
     torch.testing.assert_close(sample, want_sample)
     torch.testing.assert_close(codebook, -(avg * torch.log(avg + 1e-5)).sum())
+
+
+def test_lpips_matches_the_official_module(repo, tmp_path):
+    """LPIPS (the same taming-transformers module in SEED-Voken and LlamaGen, the same vgg.pth) on a seeded random
+    VGG16, rebuilt here with the fixture's rule, and its gradient to the reconstruction."""
+    f = torch.load(repo / "tests" / "fixtures" / "open_magvit2" / "lpips.pt", weights_only=True)
+    features = make_layers(cfgs["D"])
+    g = torch.Generator().manual_seed(f["vgg_seed"])
+    with torch.no_grad():
+        for conv in (m for m in features if isinstance(m, torch.nn.Conv2d)):
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64) * (2 / fan_in) ** 0.5)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g, dtype=torch.float64) * 0.1)
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
+    torch.save(f["lin"], tmp_path / "lin.pth")
+    lpips = LPIPS(tmp_path / "vgg16.pth", tmp_path / "lin.pth")
+    recon = f["reconstructions"].clone().requires_grad_(True)
+    d = lpips(recon, f["inputs"])
+    torch.testing.assert_close(d, f["lpips"], rtol=RTOL, atol=0)
+    grad, = torch.autograd.grad(d.sum(), recon)
+    scale = f["grad_reconstructions"].abs().max().item()
+    torch.testing.assert_close(grad, f["grad_reconstructions"], rtol=RTOL, atol=RTOL * scale)
