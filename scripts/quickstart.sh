@@ -52,7 +52,8 @@ stage "3/7 codes: the training digits -> code store"
 
 stage "4/7 GPT: class-conditional, $HEAD (2 processes)"
 "${LAUNCH[@]}" scripts/train_gpt.py model=digits data.codes_dir="$OUT/codes" data.augment=false data.num_workers=0 \
-    tokenizer.checkpoint="$TOKENIZER" tokenizer.family="$FAMILY" "${GPT_ARGS[@]}" out_dir="$OUT/gpt" max_steps=1500 epochs=null global_batch_size=64 lr=1e-3 \
+    tokenizer.checkpoint="$TOKENIZER" tokenizer.family="$FAMILY" "${GPT_ARGS[@]}" out_dir="$OUT/gpt" max_steps=1500 \
+    epochs=null global_batch_size=64 lr=1e-3 \
     warmup_steps=100 lr_schedule=cosine weight_decay=0.05 precision=fp32 log_every=100 ckpt_every=500
 
 stage "5/7 samples: 500 images (50 per class) with classifier-free guidance 1.5 (2 processes)"

@@ -50,7 +50,8 @@ def read_log(out_dir: Path) -> list[dict]:
 
 def test_recipes_fill_unset_fields_with_the_official_values_and_keep_set_ones():
     lfq = resolve_loss(LossConfig(), "open_magvit2")
-    assert (lfq.l1_weight, lfq.perceptual_weight, lfq.entropy_weight, lfq.beta, lfq.disc_weight) == (1, 1, 0.1, 0.25, 0.1)
+    assert (lfq.l1_weight, lfq.perceptual_weight, lfq.entropy_weight, lfq.beta) == (1, 1, 0.1, 0.25)
+    assert lfq.disc_weight == 0.1 and lfq.disc_loss_weight == 1.0
     assert (lfq.g_loss, lfq.lecam_weight, lfq.lecam_decay, lfq.disc_start) == ("non_saturating", 0.05, 0.999, 0)
     ibq = resolve_loss(LossConfig(entropy_weight=0.2), "ibq")
     assert (ibq.entropy_weight, ibq.codebook_weight, ibq.disc_weight, ibq.disc_loss_weight) == (0.2, 1, 0.1, 1)

@@ -110,7 +110,8 @@ def index_propagation(z: torch.Tensor, weight: torch.Tensor, beta: float, temper
     hard = F.one_hot(codes, table.shape[0]).to(soft.dtype)
     z_q = (hard - soft.detach() + soft) @ table  # the hard row's value, the softmax's gradient
     e = table[codes]
-    quant = (z_q - flat).square().mean() + (e.detach() - flat).square().mean() + beta * (e - flat.detach()).square().mean()
+    quant = ((z_q - flat).square().mean() + (e.detach() - flat).square().mean()
+             + beta * (e - flat.detach()).square().mean())
     return _grid(z_q, z), codes.view(z.shape[0], *z.shape[2:]), _with_entropy({"quant": quant}, logits, temperature)
 
 

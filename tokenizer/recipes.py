@@ -119,9 +119,8 @@ def recipe(family: str) -> dict:
 def resolve_loss(loss: LossConfig, family: str) -> LossConfig:
     """`loss` with every None replaced by the family's official value, checked."""
     values = recipe(family)
-    filled = {f.name: values.get(f.name) if getattr(loss, f.name) is None and f.name in values else getattr(loss, f.name)
-              for f in dataclasses.fields(loss)}
-    out = LossConfig(**filled)
+    out = dataclasses.replace(loss, **{f.name: values[f.name] for f in dataclasses.fields(loss)
+                                       if getattr(loss, f.name) is None and f.name in values})
     if out.g_loss not in G_LOSSES:
         raise ValueError(f"loss.g_loss={out.g_loss!r}: expected one of {sorted(G_LOSSES)}")
     if out.disc_loss_weight is None:

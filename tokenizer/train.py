@@ -170,9 +170,10 @@ class TokenizerStep:
         lc = self.cfg.loss
         recon, codes, terms, z = self.model(x)
         loss = self.autoencoder.aux_loss(terms)
-        for name, weight, fn in (("l1", lc.l1_weight, lambda: (recon.float() - x.float()).abs().mean()),
-                                 ("charbonnier", lc.charbonnier_weight, lambda: charbonnier(recon, x, lc.charbonnier_eps)),
-                                 ("l2", lc.l2_weight, lambda: l2(recon, x))):
+        reconstruction = (("l1", lc.l1_weight, lambda: (recon.float() - x.float()).abs().mean()),
+                          ("charbonnier", lc.charbonnier_weight, lambda: charbonnier(recon, x, lc.charbonnier_eps)),
+                          ("l2", lc.l2_weight, lambda: l2(recon, x)))
+        for name, weight, fn in reconstruction:
             if weight:
                 terms[name] = fn()
                 loss = loss + weight * terms[name]
