@@ -9,14 +9,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tokenizer import TokenizerRef, load_tokenizer
 from tokenizer.autoencoders import AUTOENCODERS
+from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
 from tokenizer.magvit2 import Magvit2Config
 from tokenizer.recipes import RECIPES, LossConfig, resolve_loss
-from tokenizer.train import CodebookConfig, ImageDataConfig, TrainTokenizerConfig, build_tokenizer, resolve, train
+from tokenizer.train import (
+    CodebookConfig,
+    ImageDataConfig,
+    ImageFolderImages,
+    TrainTokenizerConfig,
+    build_tokenizer,
+    resolve,
+    train,
+)
 from tokenizer.vqgan import VQGANConfig
 
 TINY = {
@@ -103,6 +113,14 @@ def test_each_family_learns_and_its_export_loads_back(digits, tmp_path, family):
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     codes = tok.encode_codes(x)
     assert codes.shape == (3, 8, 8, len(sizes)) and tok.decode_codes(codes).shape == x.shape
+    # The exported file is what extract_codes takes: the store holds the same codes as the tokenizer gives.
+    meta = extract(ExtractConfig(data=ExtractDataConfig(root=str(digits), image_size=16, views="plain"),
+                                 tokenizer=TokenizerRef(checkpoint=str(path), family=family),
+                                 out_dir=str(tmp_path / "codes"), batch_size=16, num_workers=0))
+    stored = np.load(tmp_path / "codes" / "codes.npy")  # (N, 1, 8, 8, G)
+    first = torch.stack([ImageFolderImages(str(digits), 16, hflip=False)[(i, False)] for i in range(4)])
+    assert meta["family"] == family and stored.shape == (64, 1, 8, 8, len(sizes))
+    assert np.array_equal(stored[:4, 0].astype(np.int64), tok.encode_codes(first).numpy())
 
 
 def test_collapse_warns_naming_the_step(digits, tmp_path):
