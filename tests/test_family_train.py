@@ -105,6 +105,7 @@ def test_each_family_learns_and_its_export_loads_back(digits, tmp_path, family):
     assert "g_adv" in log[-1] and "d_loss" in log[-1]
     sizes = [32] if family != "open_magvit2" else [4, 16]
     assert all(len(r["code_usage"]) == len(sizes) and all(0 < u <= 1 for u in r["code_usage"]) for r in log)
+    assert all(r["codes_used"] == [round(u * K) for u, K in zip(r["code_usage"], sizes)] for r in log)
     assert all(1 <= p <= K for r in log for p, K in zip(r["perplexity"], sizes))
     if family != "llamagen_vq":  # the entropy terms of IBQ and LFQ are logged; LlamaGen's weight is 0
         assert log[-1]["codebook_entropy"] > 0 and "lecam" in log[-1]

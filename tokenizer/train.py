@@ -218,14 +218,15 @@ class CollapseWatch:
 
 def describe(record: dict, means: dict, steps: int, seconds: float, global_batch: int, sizes: list[int],
              watch: CollapseWatch | None = None) -> dict:
-    """A log line: every loss term, per-group code usage (share of the group's codes used in the window) and
-    perplexity, codes re-seeded (MGVQ), images/s; a collapse warning when `watch` says so."""
-    counts = means.pop("code_counts")
-    usage = [codebook_usage(part[None]) for part in counts.split(sizes)]  # scale-free: means of counts serve
+    """A log line: every loss term, per group the distinct codes used in the window (`codes_used`, and as a share
+    of the group's codes, `code_usage`) and the perplexity, codes re-seeded (MGVQ), images/s; a collapse warning
+    when `watch` says so."""
+    groups = means.pop("code_counts").split(sizes)
+    usage = [codebook_usage(part[None]) for part in groups]  # scale-free: means of counts serve as counts
     used, perplexity = [u[0][0] for u in usage], [u[1][0] for u in usage]
     extra = {"reseeded": [round(float(r) * steps) for r in means.pop("reseeded")]} if "reseeded" in means else {}
-    line = {**record, **{k: float(v) for k, v in means.items()}, "code_usage": used, "perplexity": perplexity,
-            **extra, "images_per_s": steps * global_batch / seconds}
+    line = {**record, **{k: float(v) for k, v in means.items()}, "codes_used": [int((g > 0).sum()) for g in groups],
+            "code_usage": used, "perplexity": perplexity, **extra, "images_per_s": steps * global_batch / seconds}
     message = watch.update(record["step"], used) if watch is not None else None
     if message:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
