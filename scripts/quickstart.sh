@@ -13,14 +13,15 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 FAMILY=${QUICKSTART_TOKENIZER:-mgvq}
 # Per family: the tokenizer preset, its training overrides (the family's recipe otherwise: tokenizer/recipes.py;
-# LPIPS needs weight files and the GAN more steps than this run has, so both are off here) and the GPT's head/input.
-NO_PERCEPTUAL_GAN=(loss.perceptual_weight=0 loss.disc_weight=0)
+# LPIPS needs weight files, and the GAN and SEED-Voken's EMA 0.999 more than these 600 steps: all three off here)
+# and the GPT's head and input.
+NO_PERCEPTUAL_GAN=(loss.perceptual_weight=0 loss.disc_weight=0 ema=0)
 case "$FAMILY" in
     mgvq) PRESET=digits; TOKENIZER_ARGS=(); GPT_ARGS=(); HEAD="AR head over the 4 groups" ;;
     llamagen_vq|ibq) PRESET=${FAMILY/_vq/-vq}-digits; TOKENIZER_ARGS=("${NO_PERCEPTUAL_GAN[@]}")
         GPT_ARGS=(model.head=parallel model.input_embedding=learned); HEAD="one 1024-code book" ;;
     open_magvit2) PRESET=open-magvit2-digits; TOKENIZER_ARGS=("${NO_PERCEPTUAL_GAN[@]}")  # the factorized head, as
-        GPT_ARGS=(model.head=factorized model.input_embedding=learned); HEAD="factorized head, 2 x 64 sub-tokens" ;;
+        GPT_ARGS=(model.head=factorized model.input_embedding=learned); HEAD="factorized head, 2 x 256 sub-tokens" ;;
     *) echo "QUICKSTART_TOKENIZER=$FAMILY: expected mgvq, llamagen_vq, ibq or open_magvit2" >&2; exit 2 ;;
 esac
 DEFAULT_OUT=runs/quickstart

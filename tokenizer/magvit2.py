@@ -28,9 +28,9 @@ EPS = 1e-6
 PRESETS = {
     "open-magvit2-f16": {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
     "open-magvit2-f8": {"ch": 128, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
-    # The quickstart's: 16x16 digits -> 4x4 codes of 12 bits, two 64-code sub-tokens.
-    "open-magvit2-digits": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 12,
-                            "factorized_bits": [6, 6]},
+    # The quickstart's: 16x16 digits -> 4x4 codes of 16 bits, two 256-code sub-tokens.
+    "open-magvit2-digits": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 16,
+                            "factorized_bits": [8, 8]},
 }
 RELEASED_FACTORIZED_BITS = [6, 12]
 
