@@ -171,6 +171,12 @@ def _official_weights(blob: dict, path: Path, config: GPTConfig | None) -> dict:
     return translate[layout](sd, config)
 
 
+def read_official_weights(path: str | Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The weights of an official GPT file in this model's names, not loaded (memory-mapped where the file allows):
+    what load_gpt would load, for a caller that checks keys and shapes first."""
+    return _official_weights(_read(Path(path)), Path(path), config)
+
+
 def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.Tensor | None = None) -> GPT:
     """A float32 GPT in eval mode from this project's model file or an official MGVQ GPT checkpoint.
 

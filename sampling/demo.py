@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from sampling import zoo
 from sampling.sampler import ModelFiles, Sampler, SamplerConfig, sample_seeds
 from tokenizer.common.io import atomic_path
 
@@ -22,6 +23,8 @@ class DemoConfig(ModelFiles):
 
 
 def demo(cfg: DemoConfig) -> Path:
+    if cfg.zoo:
+        zoo.check_files(zoo.get(cfg.zoo), cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = Sampler.from_files(cfg, cfg.sampler, device)
     labels = torch.tensor(cfg.class_ids)

@@ -520,6 +520,9 @@ def metrics_path(samples: str | os.PathLike) -> Path:
 def run(cfg: EvalConfig) -> dict:
     """Evaluate `cfg.samples` against `cfg.reference` and write the metrics JSON."""
     result = Evaluator(cfg).evaluate(cfg.samples, cfg.reference)
+    zoo = result.get("sampling", {}).get("zoo")
+    if zoo:  # samples of a released model (sampling.zoo): its published numbers beside the measured ones
+        result["published"] = zoo["published"]
     out = Path(cfg.out) if cfg.out else metrics_path(cfg.samples)
     result["settings"]["out"] = str(out)
     write_json_atomic(out, result)

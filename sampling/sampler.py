@@ -84,6 +84,10 @@ class ModelFiles:
     # tokenizer's. LlamaGen c2i / IBQ-AR: {preset: gpt_b} or {preset: ibq_ar_b} (grid_size: 16 by default; the
     # codebook size is the tokenizer's). None: the file's own config (this project's model files).
     gpt_official: Optional[dict[str, Any]] = None
+    # A released model by name (sampling.zoo): its official files inside ckpt_dir, its configs and published sampler
+    # settings, each overridable (scripts/_hydra.py applies them under the command line's KEY=VALUE).
+    zoo: Optional[str] = None
+    ckpt_dir: Optional[str] = None
 
 
 def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
@@ -93,18 +97,24 @@ def sample_seeds(seed: int, indices: torch.Tensor) -> torch.Tensor:
     return seed * 2**32 + indices.to(torch.int64)
 
 
+def gpt_config(files: ModelFiles, t) -> GPTConfig | None:
+    """The GPT config of an official file from `files.gpt_official` and the tokenizer's config `t`; None for this
+    project's files, which store theirs."""
+    if files.gpt_official is None:
+        return None
+    if "preset" in files.gpt_official:
+        return GPTConfig.single_codebook(codebook_size=t.codes_per_group, **files.gpt_official)
+    if files.tokenizer.family == "open_magvit2":
+        return GPTConfig.from_open_magvit2({"factorized_bits": t.factorized_bits, **files.gpt_official})
+    return GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
+                                    "codebook_embed_dim": t.latent_channels, **files.gpt_official})
+
+
 def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[GPT, torch.nn.Module]:
     """The GPT and tokenizer `files` names, on `device`, in eval mode."""
     tokenizer = files.tokenizer.load()
-    config, t = None, tokenizer.config
-    if files.gpt_official is not None and "preset" in files.gpt_official:
-        config = GPTConfig.single_codebook(codebook_size=t.codes_per_group, **files.gpt_official)
-    elif files.gpt_official is not None and files.tokenizer.family == "open_magvit2":
-        config = GPTConfig.from_open_magvit2({"factorized_bits": t.factorized_bits, **files.gpt_official})
-    elif files.gpt_official is not None:
-        config = GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
-                                          "codebook_embed_dim": t.latent_channels, **files.gpt_official})
-    gpt = load_gpt(files.gpt_ckpt, config, codebook=tokenizer.codebook())
+    t = tokenizer.config
+    gpt = load_gpt(files.gpt_ckpt, gpt_config(files, t), codebook=tokenizer.codebook())
     if gpt.config.group_sizes != group_sizes(t):
         raise ValueError(f"{files.gpt_ckpt} samples groups of {gpt.config.group_sizes} codes but the tokenizer "
                          f"{files.tokenizer.checkpoint} has groups of {group_sizes(t)}")
@@ -227,11 +237,11 @@ def write_npz(path: Path, png_dir: Path, num_samples: int, num_classes: int) -> 
 
 
 def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike, batch_size: int = 32,
-                  accelerator=None, npz_path: str | os.PathLike | None = None) -> Path:
+                  accelerator=None, npz_path: str | os.PathLike | None = None, sidecar: dict | None = None) -> Path:
     """Draw samples 0..N-1 as PNGs in out_dir/png (keeping those already there), then pack the .npz and sidecar.
 
     With an `accelerate.Accelerator` the batches are dealt over its processes. Returns the .npz path
-    (default out_dir/samples.npz; the sidecar is the same path with .json).
+    (default out_dir/samples.npz; the sidecar is the same path with .json, `sidecar` adds entries to it).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = rank == 0
@@ -272,7 +282,8 @@ def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike
         write_npz(npz_path, png_dir, num_samples, sampler.num_classes)
         write_json_atomic(npz_path.with_suffix(".json"), {
             **sampler.settings(), "num_samples": num_samples, "samples": str(npz_path),
-            "run": {"batch_size": batch_size, "num_processes": world, "device": str(sampler.device)}})
+            "run": {"batch_size": batch_size, "num_processes": world, "device": str(sampler.device)},
+            **(sidecar or {})})
     _barrier(accelerator)
     return npz_path
 
@@ -292,8 +303,9 @@ class SampleRunConfig(ModelFiles):
     batch_size: int = 32  # samples per batch and process (the GPT runs 2x that with CFG)
 
 
-def run(cfg: SampleRunConfig) -> Path:
-    """Draw cfg.num_samples on every process accelerate gives us; returns the .npz path."""
+def run(cfg: SampleRunConfig, sidecar: dict | None = None) -> Path:
+    """Draw cfg.num_samples on every process accelerate gives us; returns the .npz path. `sidecar`: entries the
+    sample file's JSON sidecar also records."""
     from accelerate import Accelerator
 
     accelerator = Accelerator()
@@ -302,6 +314,6 @@ def run(cfg: SampleRunConfig) -> Path:
     accelerator.print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), "
                       f"{accelerator.device}: {cfg.gpt_ckpt}, cfg_scale {s.cfg_scale}, top_k {s.top_k}, top_p {s.top_p}, "
                       f"temperature {s.temperature}")
-    path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator)
+    path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator, sidecar=sidecar)
     accelerator.print(f"wrote {path} ({cfg.num_samples} images) and {path.with_suffix('.json')}")
     return path

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sampling import zoo
 from sampling.metrics import EvalConfig, Evaluator, metrics_path, resolve_inception_weights
 from sampling.sampler import ModelFiles, Sampler, SamplerConfig, write_samples
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
@@ -56,8 +57,15 @@ def top_k_label(top_k: int, top_k_log2: bool) -> str:
     return "no top-k" if top_k == 0 else f"top-k {top_k}"
 
 
-def plot(path: Path, rows: list[dict], top_k_log2: bool = False) -> None:
-    """FID and IS against the CFG scale, one line per top-k."""
+def plot(path: Path, rows: list[dict], top_k_log2: bool = False, mark: dict | None = None) -> None:
+    """FID and IS against the CFG scale, one line per top-k (figure()), written to `path`."""
+    with atomic_path(path) as tmp:
+        figure(rows, top_k_log2, mark).savefig(tmp, dpi=120, format="png")
+
+
+def figure(rows: list[dict], top_k_log2: bool = False, mark: dict | None = None):
+    """FID and IS against the CFG scale, one line per top-k; `mark` (sampling.zoo.plot_mark): the published setting,
+    a dotted line at its scale and a star at its published FID / IS."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 
     fig = Figure(figsize=(9, 3.6), layout="constrained")
@@ -68,18 +76,24 @@ def plot(path: Path, rows: list[dict], top_k_log2: bool = False) -> None:
         label = top_k_label(top_k, top_k_log2)
         ax_fid.plot(scales, [r.get("fid", float("nan")) for r in line], marker="o", label=label)
         ax_is.plot(scales, [r.get("inception_score", float("nan")) for r in line], marker="o", label=label)
+    if mark is not None:
+        for ax, key in ((ax_fid, "fid"), (ax_is, "inception_score")):
+            ax.axvline(mark["cfg_scale"], color="gray", linestyle=":", label=mark["label"])
+            if mark.get(key) is not None:
+                ax.plot([mark["cfg_scale"]], [mark[key]], marker="*", markersize=14, color="crimson", linestyle="",
+                        label=f"published {key.replace('_', ' ')} (50k samples)")
+        ax_is.legend(fontsize="small")
     for ax, name in ((ax_fid, "FID (lower is better)"), (ax_is, "Inception Score")):
         ax.set_xlabel("CFG scale")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_fid.legend()
     fig.suptitle(f"CFG sweep, {rows[0]['num_samples']} samples per setting")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    return fig
 
 
 def sweep(cfg: SweepConfig, draw: Callable[[float, int, Path], Path], identity: dict,
-          accelerator=None) -> list[dict]:
+          accelerator=None, mark: dict | None = None) -> list[dict]:
     """Sample (all processes) and score (main process) every (top_k, cfg_scale) not scored yet.
 
     `draw(cfg_scale, top_k, point_dir)` writes the setting's samples and returns the .npz path; `identity`
@@ -114,7 +128,7 @@ def sweep(cfg: SweepConfig, draw: Callable[[float, int, Path], Path], identity: 
                 rows.append({"cfg_scale": cfg_scale, "top_k": top_k, **metrics, "num_samples": cfg.num_samples,
                              "samples": str(point / "samples.npz")})
                 write_csv(out_dir / "sweep.csv", rows)  # partial results are readable while the sweep runs
-                plot(out_dir / "sweep.png", rows, cfg.sampler.top_k_log2)
+                plot(out_dir / "sweep.png", rows, cfg.sampler.top_k_log2, mark)
     return rows
 
 
@@ -122,6 +136,9 @@ def run(cfg: SweepConfig) -> list[dict]:
     """The sweep with the sampler `cfg` describes, on every process accelerate gives us."""
     from accelerate import Accelerator
 
+    entry = zoo.get(cfg.zoo) if cfg.zoo else None
+    if entry is not None:
+        zoo.check_files(entry, cfg)  # before anything is sampled
     accelerator = Accelerator()
     sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
 
@@ -140,7 +157,7 @@ def run(cfg: SweepConfig) -> list[dict]:
                             "num_workers", "progress")}
     scoring["inception_weights_sha256"] = sha256_file(resolve_inception_weights(cfg.evaluate.inception_weights))
     identity = {"sampling": sampling, "num_samples": cfg.num_samples, "evaluate": scoring}
-    return sweep(cfg, draw, identity, accelerator)
+    return sweep(cfg, draw, identity, accelerator, zoo.plot_mark(entry) if entry is not None else None)
 
 
 def report(rows: list[dict]) -> None:

@@ -6,6 +6,7 @@
 #   4. bf16 extraction (MGVQ-f16c32-G4 encoder at 256px): images/s
 #   5. FSDP (conf/accelerate/fsdp.yaml) on every GPU present: GPT-B, bf16, EMA, 20 steps on a synthetic store,
 #      a sharded checkpoint, and the export loaded back with gpt.load_gpt
+#   zoo (optional, with ZOO_CKPT_DIR): 1,000 samples of a released model (sampling.zoo) and their gFID-1k
 # Usage: bash scripts/gpu_check.sh [report file, default gpu_check_report.txt]. PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +76,27 @@ assert log[-1]["num_processes"] == ngpu and len(shards) == ngpu, (log[-1], shard
 print(f"FSDP x{ngpu}: loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, {log[-1]['tokens_per_s']:,.0f} tokens/s, "
       f"{len(shards)} model shard files, EMA export loads ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
       f"parameters)")
+EOF
+fi
+
+# Optional zoo step: ZOO_CKPT_DIR=<folder with a released model's official files> ZOO_REFERENCE=<ADM
+# VIRTUAL_imagenet256_labeled.npz> (Inception weights: $MGVQ_INCEPTION_WEIGHTS) [ZOO=<name>, default: the first model
+# whose files are there]. Its gFID on 1,000 samples is biased upwards: it is not the published 50k number.
+if [ -n "${ZOO_CKPT_DIR:-}" ]; then
+    ZOO_NAME=${ZOO:-$("$PY" -c "import sys; from sampling import zoo; print(*zoo.available(sys.argv[1])[:1])" \
+        "$ZOO_CKPT_DIR")}
+    [ -n "$ZOO_NAME" ] || { echo "zoo: the files of no released model are in $ZOO_CKPT_DIR" >&2; exit 1; }
+    step "zoo: 1,000 samples of $ZOO_NAME, gFID-1k beside the published gFID-50k"
+    "$PY" -m accelerate.commands.launch --num_processes "$NGPU" --main_process_port 0 scripts/sample_c2i_ddp.py \
+        zoo="$ZOO_NAME" ckpt_dir="$ZOO_CKPT_DIR" out_dir="$WORK/zoo" num_samples=1000 2>&1 | tail -n 2
+    "$PY" scripts/evaluate.py samples="$WORK/zoo/samples.npz" reference="${ZOO_REFERENCE:?set ZOO_REFERENCE}" \
+        progress=false | tail -n 9
+    "$PY" - "$WORK/zoo/samples.metrics.json" <<'EOF' | tee -a "$REPORT"
+import json, sys
+r = json.load(open(sys.argv[1]))
+m, p = r["metrics"], r["published"]
+print(f"zoo {r['sampling']['zoo']['name']}: gFID-1k {m['fid']:.2f}, IS-1k {m['inception_score']:.1f} on 1,000 samples; "
+      f"published on 50,000 (not comparable): gFID {p['fid']}, IS {p['inception_score']}")
 EOF
 fi
 
