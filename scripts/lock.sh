@@ -8,10 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_env.sh  # TORCH_PINS: torch and torchvision, pinned together
-if [ ! -x .venv-tools/bin/uv ]; then
-    python3 -m venv .venv-tools
-    .venv-tools/bin/python -m pip install -q uv
-fi
-printf '%s\n' "${TORCH_PINS[@]}" | .venv-tools/bin/uv pip compile pyproject.toml - --extra test --universal \
+tools_uv
+printf '%s\n' "${TORCH_PINS[@]}" | "$UV" pip compile pyproject.toml - --extra test --universal \
     --python-version 3.10 --no-emit-package mgvq-gpt --custom-compile-command "bash scripts/lock.sh" \
     -o requirements.lock
