@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizer.base import group_sizes
 from tokenizer.common.settings import known_fields, preset_fields
 
 HEADS = ("parallel", "ar", "factorized")
@@ -31,7 +32,7 @@ PRESETS = {
     "ibq_ar_xxl": {"n_layer": 30, "dim": 1920, "n_head": 30, **_IBQ},
 }
 # The fields a code store and its tokenizer decide: None in a preset for training, filled from the store.
-FROM_STORE = ("num_classes", "codebook_groups", "codebook_size", "grid_size", "codebook_embed_dim")
+FROM_STORE = ("num_classes", "codebook_groups", "codes_per_group", "grid_size", "codebook_embed_dim")
 
 # Defaults of the official `ModelArgs` (MGVQ gpt_emb_simple.py) for the fields an official config may omit.
 OFFICIAL_DEFAULTS = {
@@ -58,13 +59,20 @@ OPEN_MAGVIT2_IGNORED = {"vocab_size", "cond_dim", "embd_pdrop", "n_unmasked", "m
 # Fields that shape training only; every other field must agree between a model file and the config it is loaded with.
 TRAINING_ONLY = {"initializer_range", "class_dropout_prob", "token_dropout_p", "attn_dropout_p", "resid_dropout_p",
                  "ffn_dropout_p", "drop_path_rate"}
+# The training recipe of each head's family: whether stochastic depth replaces the residual and FFN dropout
+# (LlamaGen's train_c2i.py zeroes both whenever drop_path_rate > 0; Open-MAGVIT2 keeps both, in its trunk as in
+# its factorized blocks).
+DROP_PATH_REPLACES_DROPOUT = {"parallel": True, "ar": True, "factorized": False}
+# Saved configs of earlier versions: renamed fields, and removed ones with the one value they could hold.
+RENAMED = {"codebook_size": "codes_per_group"}
+REMOVED = {"cls_token_num": 1}
 
 
 @dataclass
 class GPTConfig:
     """A LlamaGen-style class-conditional GPT over G groups of codes.
 
-    `codebook_groups`, `codebook_size` (codes PER GROUP), `grid_size` (square code grid side), `num_classes` and
+    `codebook_groups`, `codes_per_group`, `grid_size` (square code grid side), `num_classes` and
     `codebook_embed_dim` (tokenizer latent channels, G rows of latent/G concatenated) may be None in a config
     file, meaning "taken from the code store"; a model is built only once they are set.
     """
@@ -79,17 +87,16 @@ class GPTConfig:
     rope_base: float = 10000.0
     initializer_range: float = 0.02
     num_classes: int | None = 1000
-    cls_token_num: int = 1
     class_dropout_prob: float = 0.1  # label -> null class (index num_classes) for classifier-free guidance
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
     resid_dropout_p: float = 0.1
     ffn_dropout_p: float = 0.1
-    drop_path_rate: float = 0.0  # > 0 turns resid and ffn dropout off, as LlamaGen (see block_dropout)
+    drop_path_rate: float = 0.0  # > 0 turns resid and ffn dropout off in LlamaGen's recipe (see block_dropout)
     codebook_groups: int | None = 4
     # Codes per group: one int for every group, or a list of one per group ([64, 4096]); typed Any because
     # OmegaConf's structured configs refuse a union of int and list.
-    codebook_size: Any = 8192
+    codes_per_group: Any = 8192
     grid_size: int | None = 16
     codebook_embed_dim: int | None = 32
     # parallel: G linear heads | ar: MGVQ's small transformer over the G sub-tokens | factorized: Open-MAGVIT2's
@@ -111,30 +118,33 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
+        """From this project's saved config dict, of this version or an earlier one (RENAMED, REMOVED)."""
+        d = {RENAMED.get(k, k): v for k, v in _drop_removed(d, "saved GPT config").items()}
         return cls(**known_fields(cls, d))
 
     @classmethod
-    def from_official(cls, d: dict) -> GPTConfig:
+    def from_official_mgvq(cls, d: dict) -> GPTConfig:
         """Map official MGVQ `ModelArgs` fields (vocab_size counted over all groups, block_size = grid**2)."""
         unknown = sorted(set(d) - set(OFFICIAL_DEFAULTS) - OFFICIAL_IGNORED)
         if unknown:
             raise ValueError(f"unknown official ModelArgs fields {unknown}")
         if d.get("model_type", "c2i") != "c2i":
             raise ValueError(f"model_type={d['model_type']!r}: only class-conditional (c2i) models are supported")
-        args = {**OFFICIAL_DEFAULTS, **{k: v for k, v in d.items() if k not in OFFICIAL_IGNORED}}
+        args = _drop_removed({**OFFICIAL_DEFAULTS, **{k: v for k, v in d.items() if k not in OFFICIAL_IGNORED}},
+                             "official ModelArgs")
         groups, vocab, block = args.pop("codebook_groups"), args.pop("vocab_size"), args.pop("block_size")
         grid = math.isqrt(block)
         if vocab % groups or grid * grid != block:
             raise ValueError(f"vocab_size={vocab} must divide into codebook_groups={groups} and block_size={block} "
                              f"must be a square")
-        return cls(**args, codebook_groups=groups, codebook_size=vocab // groups, grid_size=grid,
+        return cls(**args, codebook_groups=groups, codes_per_group=vocab // groups, grid_size=grid,
                    head="ar", input_embedding="codebook")
 
     @classmethod
-    def single_codebook(cls, preset: str, codebook_size: int, grid_size: int = 16, **overrides) -> GPTConfig:
+    def single_codebook(cls, preset: str, codes_per_group: int, grid_size: int = 16, **overrides) -> GPTConfig:
         """A released LlamaGen c2i (gpt_b ... gpt_3b) or IBQ-AR (ibq_ar_b ... ibq_ar_xxl) GPT over one codebook:
         G = 1, a parallel (linear) head and a learned input embedding, 1000 classes."""
-        return cls.preset(preset, **{"codebook_groups": 1, "codebook_size": codebook_size, "grid_size": grid_size,
+        return cls.preset(preset, **{"codebook_groups": 1, "codes_per_group": codes_per_group, "grid_size": grid_size,
                                    "num_classes": 1000, "head": "parallel", "input_embedding": "learned",
                                    "codebook_embed_dim": None, **overrides})
 
@@ -144,7 +154,8 @@ class GPTConfig:
         unknown = sorted(set(d) - set(OPEN_MAGVIT2_DEFAULTS) - OPEN_MAGVIT2_IGNORED)
         if unknown:
             raise ValueError(f"unknown Open-MAGVIT2 GPT arguments {unknown}")
-        a = {**OPEN_MAGVIT2_DEFAULTS, **{k: v for k, v in d.items() if k not in OPEN_MAGVIT2_IGNORED}}
+        a = _drop_removed({**OPEN_MAGVIT2_DEFAULTS, **{k: v for k, v in d.items() if k not in OPEN_MAGVIT2_IGNORED}},
+                          "Open-MAGVIT2 GPT arguments")
         bits, grid = list(a["factorized_bits"]), math.isqrt(a["block_size"])
         if not a["token_factorization"] or a["factorized_k"] != len(bits) or grid * grid != a["block_size"]:
             raise ValueError(f"token_factorization={a['token_factorization']}, factorized_k={a['factorized_k']}, "
@@ -153,10 +164,10 @@ class GPTConfig:
         return cls(dim=a["dim"], n_layer=a["spatial_n_layer"], n_head=a["n_head"], n_kv_head=a["n_kv_head"],
                    multiple_of=a["multiple_of"], ffn_dim_multiplier=a["ffn_dim_multiplier"], norm_eps=a["norm_eps"],
                    rope_base=float(a["rope_base"]), initializer_range=a["initalizer_range"],
-                   num_classes=a["class_num"], cls_token_num=a["cls_token_num"], class_dropout_prob=0.1,
+                   num_classes=a["class_num"], class_dropout_prob=0.1,
                    token_dropout_p=a["token_drop"], attn_dropout_p=a["attn_dropout_p"],
                    resid_dropout_p=a["resid_dropout_p"], ffn_dropout_p=a["ffn_dropout_p"],
-                   drop_path_rate=a["drop_path_rate"], codebook_groups=len(bits), codebook_size=[2**b for b in bits],
+                   drop_path_rate=a["drop_path_rate"], codebook_groups=len(bits), codes_per_group=[2**b for b in bits],
                    grid_size=grid, codebook_embed_dim=None, head="factorized", input_embedding="learned",
                    ar_head_layers=a["factorized_n_layer"])
 
@@ -174,15 +185,15 @@ class GPTConfig:
     @property
     def group_sizes(self) -> list[int]:
         """Codes per group, one entry per group."""
-        K = self.codebook_size
-        return list(K) if isinstance(K, (list, tuple)) else [K] * self.codebook_groups
+        return group_sizes(self)
 
     @property
     def block_dropout(self) -> tuple[float, float]:
-        """(resid, ffn) dropout the blocks apply. LlamaGen's recipe (train_c2i.py) zeroes both whenever
-        drop_path_rate > 0: stochastic depth replaces them. Token, attention and class dropout are unaffected.
-        The config keeps the values it was given; this is the one place the rule is applied."""
-        if self.drop_path_rate > 0:
+        """(resid, ffn) dropout the blocks (trunk and head) apply: with drop_path_rate > 0 and the recipe of
+        LlamaGen's families (DROP_PATH_REPLACES_DROPOUT), none: stochastic depth replaces them. Token, attention and
+        class dropout are unaffected. The config keeps the values it was given; this is the one place the rule is
+        applied."""
+        if self.drop_path_rate > 0 and DROP_PATH_REPLACES_DROPOUT[self.head]:
             return 0.0, 0.0
         return self.resid_dropout_p, self.ffn_dropout_p
 
@@ -200,7 +211,7 @@ class GPTConfig:
 
     def validate(self) -> None:
         """Raise a ValueError naming the field at fault; called when a model is built."""
-        unset = [f for f in ("num_classes", "codebook_groups", "codebook_size", "grid_size") if getattr(self, f) is None]
+        unset = [f for f in ("num_classes", "codebook_groups", "codes_per_group", "grid_size") if getattr(self, f) is None]
         if self.input_embedding == "codebook" and self.codebook_embed_dim is None:
             unset.append("codebook_embed_dim")
         if unset:
@@ -215,17 +226,15 @@ class GPTConfig:
                             f"(2D RoPE rotates pairs, half by row and half by column)")
         if self.n_head % self.kv_heads:
             problems.append(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        if self.cls_token_num != 1:
-            problems.append(f"cls_token_num={self.cls_token_num}: a class-conditional model has one class token")
         if self.input_embedding == "codebook" and self.codebook_embed_dim % self.codebook_groups:
             problems.append(f"codebook_embed_dim={self.codebook_embed_dim} must split into "
                             f"codebook_groups={self.codebook_groups} equal rows")
         sizes = self.group_sizes
         if len(sizes) != self.codebook_groups or min(sizes) < 1:
-            problems.append(f"codebook_size={self.codebook_size} must be positive, one int or one per group "
+            problems.append(f"codes_per_group={self.codes_per_group} must be positive, one int or one per group "
                             f"(codebook_groups={self.codebook_groups})")
         elif len(set(sizes)) > 1 and self.input_embedding != "learned":
-            problems.append(f"codebook_size={self.codebook_size}: groups of different sizes need "
+            problems.append(f"codes_per_group={self.codes_per_group}: groups of different sizes need "
                             f"input_embedding=learned (codebook input stacks G equal tables)")
         if self.head == "factorized" and self.input_embedding != "learned":
             problems.append("head=factorized embeds sub-tokens with the trunk's table: it needs input_embedding=learned")
@@ -235,3 +244,12 @@ class GPTConfig:
             problems.append(f"dim={self.dim} must be even (img_projector's hidden width is dim/2)")
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+
+
+def _drop_removed(d: dict, what: str) -> dict:
+    """`d` without the REMOVED fields, each of which may only hold its one value."""
+    for name, value in REMOVED.items():
+        if name in d and d[name] != value:
+            raise ValueError(f"{what}: {name}={d[name]!r}, but only {value!r} is supported "
+                             f"(a class-conditional model has one class token)")
+    return {k: v for k, v in d.items() if k not in REMOVED}

@@ -9,7 +9,6 @@ carries an unused `adaLN_modulation` per block and a `pos_emb` of block_size row
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -18,12 +17,13 @@ import torch
 from gpt.config import TRAINING_ONLY, GPTConfig
 from gpt.model import GPT
 from tokenizer.common.io import load_weights_file
+from tokenizer.common.settings import differences
 
 OFFICIAL_WEIGHT_KEYS = ("model", "ema", "state_dict", "module")  # where official / LlamaGen files keep weights
 _QKV = ("query", "key", "value")
 
 
-def from_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def from_official_mgvq_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Official MGVQ GPT state dict -> this model's (head="ar", input_embedding="codebook"; no codebook)."""
     groups = config.codebook_groups
     out, qkv = {}, {}
@@ -80,7 +80,7 @@ def from_open_magvit2_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig)
     return out
 
 
-def to_official_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def to_official_mgvq_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """This model's state dict -> the official MGVQ layout (zero adaLN weights, pos_emb zero-padded to L rows).
 
     The padding is what official training leaves there: pos_emb starts at zero and unused rows get no gradient.
@@ -163,11 +163,11 @@ def _official_weights(blob: dict, path: Path, config: GPTConfig | None) -> dict:
                          f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
     if config is None:
         raise ValueError(f"{path} is in the official {layout} layout, which stores no config: pass one, e.g. "
-                         f"GPTConfig.single_codebook('gpt_b' or 'ibq_ar_b', codebook_size=16384) for LlamaGen/IBQ-AR, "
+                         f"GPTConfig.single_codebook('gpt_b' or 'ibq_ar_b', codes_per_group=16384) for LlamaGen/IBQ-AR, "
                          f"GPTConfig.from_open_magvit2({{...}}) (its yaml's transformer_config.params) for Open-MAGVIT2, "
-                         f"GPTConfig.from_official({{...}}) for MGVQ")
+                         f"GPTConfig.from_official_mgvq({{...}}) for MGVQ")
     translate = {"Open-MAGVIT2": from_open_magvit2_state_dict, "IBQ-AR": lambda sd, c: from_ibq_state_dict(sd),
-                 "LlamaGen": lambda sd, c: from_llamagen_state_dict(sd), "MGVQ": from_official_state_dict}
+                 "LlamaGen": lambda sd, c: from_llamagen_state_dict(sd), "MGVQ": from_official_mgvq_state_dict}
     return translate[layout](sd, config)
 
 
@@ -177,11 +177,15 @@ def read_official_weights(path: str | Path, config: GPTConfig) -> dict[str, torc
     return _official_weights(_read(Path(path)), Path(path), config)
 
 
+def _model_fields(config: GPTConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in TRAINING_ONLY}
+
+
 def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.Tensor | None = None) -> GPT:
     """A float32 GPT in eval mode from this project's model file or an official MGVQ GPT checkpoint.
 
     This project's files carry their config; a given `config` must then agree with it except in training-only
-    fields (dropouts, init). Official files carry none: `config` is required (`GPTConfig.from_official(...)`).
+    fields (dropouts, init). Official files carry none: `config` is required (`GPTConfig.from_official_mgvq(...)`).
     The codebook comes from the file when it holds one (a given one must be equal), else from `codebook`.
     Loading is strict: missing, unexpected or misshapen weights raise an error naming them.
     """
@@ -190,11 +194,10 @@ def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.
     if isinstance(blob.get("config"), dict) and isinstance(blob.get("model"), dict):
         stored = GPTConfig.from_dict(blob["config"])
         if config is not None:
-            differ = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in TRAINING_ONLY
-                      and getattr(config, f.name) != getattr(stored, f.name)]
+            differ = differences(_model_fields(stored), _model_fields(config))
             if differ:
-                raise ValueError(f"{path} was saved with a different GPT config in {differ}: "
-                                 f"file {[getattr(stored, f) for f in differ]}, given {[getattr(config, f) for f in differ]}")
+                raise ValueError(f"{path} was saved with a different GPT config (training-only fields aside): "
+                                 + "; ".join(differ))
         config = config or stored
         sd = dict(blob["model"])
     else:

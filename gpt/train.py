@@ -20,11 +20,12 @@ from gpt.config import GPTConfig
 from gpt.data import CodeDataset
 from gpt.loading import load_gpt
 from gpt.model import GPT
+from tokenizer.base import group_sizes
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
-from tokenizer.config import TokenizerRef
-from tokenizer.families import get_family, group_sizes
-from tokenizer.loading import read_codebook
+from tokenizer.common.settings import flatten
+from tokenizer.loading import TokenizerRef, read_codebook
+from tokenizer.registry import get_family
 
 
 @dataclass
@@ -74,7 +75,7 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
     per_group = meta["codes_per_group"]  # an int, or one per group (Open-MAGVIT2: [64, 4096])
     from_store = {
         "codebook_groups": dataset.groups,
-        "codebook_size": [int(k) for k in per_group] if isinstance(per_group, list) else int(per_group),
+        "codes_per_group": [int(k) for k in per_group] if isinstance(per_group, list) else int(per_group),
         "grid_size": h,
         "codebook_embed_dim": codebook_dim,
     }
@@ -233,7 +234,5 @@ def export_model(trainer: Trainer, model: nn.Module, model_cfg: GPTConfig, state
 
 def _flat_hparams(cfg: TrainConfig) -> dict:
     """Trackers take flat scalars and strings."""
-    from tokenizer.common.settings import flatten
-
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for k, v in flatten(dataclasses.asdict(cfg)).items()}

@@ -1,8 +1,10 @@
-"""KV-cached autoregressive sampling of MGVQ group codes: filters, classifier-free guidance, the loop.
+"""KV-cached autoregressive sampling of codes (G sub-tokens per position, any tokenizer family): filters,
+classifier-free guidance, the loop.
 
-Every function here is pure (no global state, no global RNG in the loop). Randomness comes from a
-counter-based hash of (sample seed, position, group), so a sample's codes depend only on its label, its seed
-and the settings: never on the other samples of its batch, the batch size or the number of processes.
+No global RNG in the loop: randomness comes from a counter-based hash of (sample seed, position, group), so a
+sample's codes depend only on its label, its seed and the settings: never on the other samples of its batch, the
+batch size or the number of processes. What persists between calls changes no result: the compiled step per
+device type (`_COMPILED`), and each model's KV caches and packs (sampling.decoding).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import types
 from collections.abc import Callable, Sequence
 
 import torch
+
+from sampling import decoding
 
 CFG_SCHEDULES = ("constant", "linear")
 _M32 = 0xFFFFFFFF
@@ -264,13 +268,19 @@ def unguarded(compiled, args: tuple, kwargs: dict, also: dict | None = None) -> 
     return None
 
 
+def check_cfg_scale(cfg_scale: float | Sequence[float]) -> None:
+    """Raise unless every scale is >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's samplers, which apply
+    guidance only above 1."""
+    if min(cfg_scale if isinstance(cfg_scale, (list, tuple)) else [cfg_scale]) < 1.0:
+        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
+                         f"samplers, which apply guidance only above 1")
+
+
 def _scale_table(G: int, L: int, cfg_scale, cfg_interval: float, cfg_schedule: str) -> tuple[torch.Tensor, int]:
     """The guidance scale per position and group (L, G) float32, and n: positions [0, n) run both CFG halves,
     from n on only the conditional rows (guidance is off there)."""
     group_scales = per_group(cfg_scale, G, "cfg_scale")
-    if any(scale < 1.0 for scale in group_scales):
-        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
-                         f"samplers, which apply guidance only above 1")
+    check_cfg_scale(cfg_scale)
     scales = torch.tensor([[cfg_scale_at(t, L, scale, cfg_interval, cfg_schedule) for scale in group_scales]
                            for t in range(L)], dtype=torch.float32)
     if all(scale == 1.0 for scale in group_scales):
@@ -348,7 +358,7 @@ def _decode(model, labels: torch.Tensor, draws: torch.Tensor, scales: torch.Tens
     # On a CPU a guidance phase's later positions run its graph without guard checks (see `unguarded`): within
     # this loop only the position and the input codes change between them.
     phase_graphs: dict[bool, Callable] = {}
-    model.setup_cache(labels.shape[0])
+    decoding.attach(model, labels.shape[0])
     try:
         for t in range(L):
             guided = t < guided_until
@@ -371,5 +381,5 @@ def _decode(model, labels: torch.Tensor, draws: torch.Tensor, scales: torch.Tens
             codes[:, t] = out
             bad |= nonfinite
     finally:
-        model.clear_cache()
+        decoding.detach(model)
     return codes, bad

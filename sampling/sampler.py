@@ -1,6 +1,6 @@
 """From class labels to uint8 images, and from there to an ADM sample file on one or many processes.
 
-`Sampler` = GPT + MGVQ tokenizer + settings: labels and seeds -> codes (sampling.generate) -> decode -> uint8
+`Sampler` = GPT + tokenizer (any family) + settings: labels and seeds -> codes (sampling.generate) -> decode -> uint8
 (rounded as LlamaGen/MGVQ) -> bicubic resize down to `eval_size` (PIL, as MGVQ's evaluation). Sample i always has
 label i mod num_classes and seed (seed, i), so any subset of indices can be drawn anywhere, in any batch.
 
@@ -29,9 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpt import GPT, GPTConfig, load_gpt
-from sampling.generate import CFG_SCHEDULES, generate
-from tokenizer import MGVQ, TokenizerRef
-from tokenizer.families import group_sizes
+from sampling.generate import CFG_SCHEDULES, check_cfg_scale, generate
+from tokenizer import CodeTokenizer, TokenizerRef
+from tokenizer.base import group_sizes
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.common.settings import refuse_mismatch
@@ -65,8 +65,7 @@ class SamplerConfig:
         check_precision(self.precision, ("fp32", "bf16"))
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule={self.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
-        if min(self.cfg_scale if isinstance(self.cfg_scale, (list, tuple)) else [self.cfg_scale]) < 1.0:
-            raise ValueError(f"cfg_scale={self.cfg_scale}: expected >= 1 (1 = no guidance)")
+        check_cfg_scale(self.cfg_scale)
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**31")
 
@@ -103,11 +102,11 @@ def gpt_config(files: ModelFiles, t) -> GPTConfig | None:
     if files.gpt_official is None:
         return None
     if "preset" in files.gpt_official:
-        return GPTConfig.single_codebook(codebook_size=t.codes_per_group, **files.gpt_official)
+        return GPTConfig.single_codebook(codes_per_group=t.codes_per_group, **files.gpt_official)
     if files.tokenizer.family == "open_magvit2":
         return GPTConfig.from_open_magvit2({"factorized_bits": t.factorized_bits, **files.gpt_official})
-    return GPTConfig.from_official({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
-                                    "codebook_embed_dim": t.latent_channels, **files.gpt_official})
+    return GPTConfig.from_official_mgvq({"vocab_size": t.codebook_size, "codebook_groups": t.codebook_groups,
+                                         "codebook_embed_dim": t.latent_channels, **files.gpt_official})
 
 
 def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[GPT, torch.nn.Module]:
@@ -152,7 +151,7 @@ def check_guidance(gpt: GPT, cfg_scale) -> None:
 class Sampler:
     """labels + seeds -> uint8 images (N, H, W, 3). Demo, DDP sampler and CFG sweep all draw through it."""
 
-    def __init__(self, gpt: GPT, tokenizer: MGVQ, config: SamplerConfig, files: ModelFiles | None = None):
+    def __init__(self, gpt: GPT, tokenizer: CodeTokenizer, config: SamplerConfig, files: ModelFiles | None = None):
         config.check()
         check_guidance(gpt, config.cfg_scale)
         self.gpt, self.tokenizer, self.config, self.files = gpt.eval(), tokenizer.eval(), config, files
@@ -237,17 +236,17 @@ def write_npz(path: Path, png_dir: Path, num_samples: int, num_classes: int) -> 
 
 
 def write_samples(sampler: Sampler, num_samples: int, out_dir: str | os.PathLike, batch_size: int = 32,
-                  accelerator=None, npz_path: str | os.PathLike | None = None, sidecar: dict | None = None) -> Path:
+                  accelerator=None, sidecar: dict | None = None) -> Path:
     """Draw samples 0..N-1 as PNGs in out_dir/png (keeping those already there), then pack the .npz and sidecar.
 
-    With an `accelerate.Accelerator` the batches are dealt over its processes. Returns the .npz path
-    (default out_dir/samples.npz; the sidecar is the same path with .json, `sidecar` adds entries to it).
+    With an `accelerate.Accelerator` the batches are dealt over its processes. Returns the .npz path,
+    out_dir/samples.npz (the sidecar is out_dir/samples.json; `sidecar` adds entries to it).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = rank == 0
     out_dir = Path(out_dir)
     png_dir = out_dir / "png"
-    npz_path = Path(npz_path) if npz_path else out_dir / "samples.npz"
+    npz_path = out_dir / "samples.npz"
     identity = sampler.identity()
     made_by = out_dir / "settings.json"
     if made_by.is_file():  # every rank checks, so a refusal stops all of them alike
@@ -306,7 +305,7 @@ class SampleRunConfig(ModelFiles):
 def run(cfg: SampleRunConfig, sidecar: dict | None = None) -> Path:
     """Draw cfg.num_samples on every process accelerate gives us; returns the .npz path. `sidecar`: entries the
     sample file's JSON sidecar also records."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy: only the script entry point needs it
 
     accelerator = Accelerator()
     sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)

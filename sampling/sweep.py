@@ -134,7 +134,7 @@ def sweep(cfg: SweepConfig, draw: Callable[[float, int, Path], Path], identity: 
 
 def run(cfg: SweepConfig) -> list[dict]:
     """The sweep with the sampler `cfg` describes, on every process accelerate gives us."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy: only the script entry point needs it
 
     entry = zoo.get(cfg.zoo) if cfg.zoo else None
     if entry is not None:

@@ -25,9 +25,8 @@ from sampling.generate import per_group
 from sampling import sampler as sample_files
 from sampling.sampler import ModelFiles, SampleRunConfig, SamplerConfig, check_guidance, gpt_config
 from tokenizer.common.settings import flatten, json_ready
-from tokenizer.config import TokenizerRef
-from tokenizer.families import get_family, named_refs
-from tokenizer.loading import check_state_dict
+from tokenizer.loading import TokenizerRef, check_state_dict, named_refs, read_weights
+from tokenizer.registry import get_family
 
 # Where the facts were read (the `fetch` snapshots; paths below are inside these repositories).
 SOURCES = {
@@ -61,7 +60,7 @@ class ZooEntry:
     tokenizer_file: str  # may be gpt_file: IBQ-AR and Open-MAGVIT2 AR files carry their tokenizer
     tokenizer_page: str
     gpt_official: dict[str, Any]  # ModelFiles.gpt_official: a preset (LlamaGen, IBQ-AR) or the official arguments
-    tokenizer: str  # a tokenizer preset (tokenizer.families.named_refs)
+    tokenizer: str  # a tokenizer preset (tokenizer.loading.named_refs)
     tokenizer_weights: str  # auto | ema | raw (TokenizerRef.weights)
     sampler: dict[str, Any]  # SamplerConfig fields, eval_size included; the rest keep their defaults
     reference: str  # the reference batch the published FID was measured against
@@ -313,7 +312,7 @@ def check_files(entry: ZooEntry, files: ModelFiles) -> None:
     weights = read_official_weights(gpt_path, gpt.config)
     if gpt.config.input_embedding == "codebook":  # the official GPT takes the codebook from the tokenizer
         weights.setdefault("codebook", gpt.codebook)
-    tok_weights, which = get_family(files.tokenizer.family).read_weights(tok_path, files.tokenizer.weights)
+    _, tok_weights, which = read_weights(tok_path, files.tokenizer.family, files.tokenizer.weights)
     problems = []
     for module, sd, what in ((gpt, weights, f"{gpt_path} (GPT of zoo model {entry.name!r})"),
                              (tokenizer, tok_weights, f"{tok_path} ({which!r} tokenizer weights of {entry.name!r})")):

@@ -1,6 +1,6 @@
 """The one hydra entry point of every script: compose conf/<name>.yaml onto a dataclass schema, run a function.
 
-The presets of the `tokenizer` and `model` groups are registered here from the library (tokenizer.config,
+The presets of the `tokenizer` and `model` groups are registered here from the library (tokenizer.families.mgvq.config,
 gpt.config): they exist in Python only. Settings come from conf/<name>.yaml, overridden as key=value.
 """
 from pathlib import Path
@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import GPTConfig
 from sampling import zoo
-from tokenizer.families import named_refs
+from tokenizer.loading import named_refs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -93,7 +93,7 @@ def bench_train(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = GPTConfig.preset(args.preset, codebook_groups=args.groups, codebook_size=args.codes_per_group,
+    config = GPTConfig.preset(args.preset, codebook_groups=args.groups, codes_per_group=args.codes_per_group,
                               grid_size=args.grid, num_classes=1000, codebook_embed_dim=32, head=args.head)
     codebook = torch.randn(args.groups * args.codes_per_group, 32 // args.groups)
     model = GPT(config, codebook=codebook).to(device).train()
@@ -182,7 +182,7 @@ def bench_sample(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     G, K, B = args.groups, args.codes_per_group, args.batch_size
-    config = GPTConfig.preset(args.preset, codebook_groups=G, codebook_size=K, grid_size=args.grid,
+    config = GPTConfig.preset(args.preset, codebook_groups=G, codes_per_group=K, grid_size=args.grid,
                               num_classes=1000, codebook_embed_dim=32, head=args.head)
     model = GPT(config, codebook=torch.randn(G * K, 32 // G)).to(device).eval()
     dtype = autocast_dtype(args.precision)
@@ -239,19 +239,31 @@ def _step_matmuls(model, rows: int, t: int, device, dtype) -> tuple[dict, list]:
     "attention": each kind apart}, and the GEMMs as (input, weights, pack)."""
     import torch
 
-    from gpt.model import FeedForward
-    from gpt.packed import Linear, packed_linear
+    from gpt.layers import FeedForward
+    from gpt.packed import packed_linear
 
     config = model.config
     H, hd = config.n_head, config.head_dim
 
     def gemm_of(m) -> tuple:
         """A GEMM of the step: an input, its module's weights and pack (a feed-forward's w1 and w3 share one)."""
-        weights = [m.weight] if isinstance(m, Linear) else [m.w1.weight, m.w3.weight]
-        return torch.randn(rows, weights[0].shape[1], device=device, dtype=dtype), weights, m.packed
+        weights = [m.w1.weight, m.w3.weight] if isinstance(m, FeedForward) else [m.weight]
+        return torch.randn(rows, weights[0].shape[1], device=device, dtype=dtype), weights, getattr(m, "packed", None)
 
     projector = [gemm_of(model.img_projector[0]), gemm_of(model.img_projector[2])]
-    layers = [[gemm_of(m) for m in layer.modules() if isinstance(m, (Linear, FeedForward))] for layer in model.layers]
+    def step_gemms(module) -> list:
+        """A module's weight GEMMs in the order it runs them (a feed-forward's w1 and w3 are one)."""
+        out = []
+        for child in module.children():
+            if isinstance(child, FeedForward):
+                out += [gemm_of(child), gemm_of(child.w2)]
+            elif isinstance(child, torch.nn.Linear):
+                out.append(gemm_of(child))
+            else:
+                out += step_gemms(child)
+        return out
+
+    layers = [step_gemms(layer) for layer in model.layers]
     caches = [(torch.randn(rows, H, config.seq_len, hd, device=device, dtype=dtype),
                torch.randn(rows, H, config.seq_len, hd, device=device, dtype=dtype)) for _ in range(config.n_layer)]
     q = torch.randn(rows, H, 1, hd, device=device, dtype=dtype)
@@ -288,15 +300,16 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
     shared machine the minimum is what the code itself costs."""
     import torch
 
+    from sampling import decoding
     from sampling.generate import compile_step, unguarded
 
     config = model.config
     t = config.seq_len // 2
     rows = args.batch_size * (2 if args.cfg_scale != 1.0 else 1)  # the GPT runs both CFG halves
     mm_dtype = dtype or torch.float32
-    model.setup_cache(rows)  # attaches the packs (CPU, float32)
+    decoding.attach(model, rows)  # as generate() does: KV caches and, on a CPU, the packs
     reference, all_gemms = _step_matmuls(model, rows, t, device, mm_dtype)
-    prev = torch.randint(config.codebook_size, (rows, config.codebook_groups), device=device)
+    prev = torch.randint(config.codes_per_group, (rows, config.codebook_groups), device=device)
     cuda = device.type == "cuda"
     position = torch.tensor([t], device=device) if cuda else t  # CUDA graphs need a tensor position
     fns = {"eager step": lambda: model.decode_step(prev, t), **reference}
@@ -317,7 +330,7 @@ def bench_step(model, args: argparse.Namespace, device, dtype) -> None:
             best[key] = min(best[key], _timed(fn, device))
     packed = next((pack for _, _, pack in all_gemms if pack is not None), None)
     packed = '' if packed is None else f" (packed, {'bf16' if packed.dtype == torch.bfloat16 else 'fp32'} oneDNN)"
-    model.clear_cache()
+    decoding.detach(model)
     weight_bytes = sum(w.numel() for _, weights, _ in all_gemms for w in weights) * torch.finfo(mm_dtype).bits // 8
     ms = {key: f"{seconds * 1e3:.2f} ms" for key, seconds in best.items()}
     print(f"{args.preset} {args.precision} {device}: trunk step at t={t}, {rows} rows: its matmuls alone "

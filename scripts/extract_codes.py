@@ -1,4 +1,4 @@
-"""Encode an ImageFolder into a memory-mapped code store with a frozen MGVQ tokenizer.
+"""Encode an ImageFolder into a memory-mapped code store with a frozen tokenizer of any family.
 
     accelerate launch scripts/extract_codes.py data.root=imagenet/train data.image_size=256 data.views=tencrop \
         tokenizer=mgvq-f16c32-g4 tokenizer.checkpoint=mgvq_f16c32_g4.pt out_dir=codes/imagenet256

@@ -59,7 +59,7 @@ def hydra_presets() -> None:
     from hydra.core.config_store import ConfigStore
 
     from gpt.config import GPTConfig
-    from tokenizer.families import named_refs
+    from tokenizer.loading import named_refs
 
     for name, ref in named_refs().items():
         ConfigStore.instance().store(group="tokenizer", name=name, node=ref)

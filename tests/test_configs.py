@@ -11,8 +11,9 @@ from sampling.demo import DemoConfig
 from sampling.metrics import EvalConfig
 from sampling.sampler import SampleRunConfig, SamplerConfig
 from sampling.sweep import SweepConfig
-from tokenizer.config import MGVQConfig, TokenizerRef
 from tokenizer.extract import ExtractConfig
+from tokenizer.families.mgvq.config import MGVQConfig
+from tokenizer.loading import TokenizerRef
 from tokenizer.recon import ReconConfig
 from tokenizer.train import TrainTokenizerConfig
 
@@ -74,13 +75,13 @@ def test_model_presets_leave_the_store_fields_unset(repo, name, hydra_presets):
     cfg = composed(repo, "train_gpt", [f"model={name}", "data.codes_dir=x", "tokenizer.checkpoint=t", "out_dir=y"])
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)).model
     assert model == GPTConfig.named_presets()[name]
-    assert all(getattr(model, f) is None for f in ("num_classes", "codebook_groups", "codebook_size", "grid_size"))
+    assert all(getattr(model, f) is None for f in ("num_classes", "codebook_groups", "codes_per_group", "grid_size"))
     assert model.norm_eps == 1e-5
 
 
 @pytest.mark.parametrize("preset, family", [("llamagen-vq16", "llamagen_vq"), ("ibq-262144", "ibq")])
 def test_other_family_presets_compose(repo, preset, family, hydra_presets):
-    from tokenizer.vqgan import VQGANConfig
+    from tokenizer.families.vqgan.model import VQGANConfig
 
     ref = tokenizer_ref(repo, [f"tokenizer={preset}", "tokenizer.weights=raw"])
     assert ref == TokenizerRef(config=VQGANConfig.preset(preset), checkpoint="w.pt", family=family, weights="raw")

@@ -322,7 +322,7 @@ def tiny_sampler_files(golden, tmp_path_factory) -> tuple[str, TokenizerRef]:
     """The golden tokenizer and a random 4x4-code GPT on its codebook: 32px samples in a few seconds."""
     tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
     tokenizer = TokenizerRef(config=MGVQConfig.from_dict(tok), checkpoint=str(golden / "tokenizer_tiny.pt"))
-    config = GPTConfig.preset("tiny", grid_size=4, codebook_groups=4, codebook_size=64, codebook_embed_dim=32,
+    config = GPTConfig.preset("tiny", grid_size=4, codebook_groups=4, codes_per_group=64, codebook_embed_dim=32,
                               num_classes=10, head="parallel")
     gpt = GPT(config, codebook=tokenizer.load().codebook())
     with torch.no_grad():  # LlamaGen's init zeroes the output head: uniform logits that no guidance changes

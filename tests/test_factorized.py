@@ -112,7 +112,7 @@ SIZES = [4, 16, 8]
 
 def unequal_model(head: str) -> GPT:
     """Three groups of 4, 16 and 8 codes, every weight random."""
-    config = GPTConfig.preset("tiny", dim=48, n_head=4, num_classes=5, codebook_groups=3, codebook_size=SIZES,
+    config = GPTConfig.preset("tiny", dim=48, n_head=4, num_classes=5, codebook_groups=3, codes_per_group=SIZES,
                               grid_size=4, input_embedding="learned", head=head, class_dropout_prob=0.0,
                               token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
     model = GPT(config)

@@ -15,7 +15,7 @@ from tokenizer.data import ImageViews
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
 from tokenizer.recon import ReconConfig, ReconDataConfig, eval_recon
 from tokenizer.store import CodeStore, StoreMismatchError
-from tokenizer.vqgan import VQGAN, VQGANConfig
+from tokenizer.families.vqgan.model import VQGAN, VQGANConfig
 
 # IBQ with more than 65536 codes: the store holds uint32.
 FAMILIES = {"llamagen_vq": ("cosine", 64, np.uint16), "ibq": ("dot", 65600, np.uint32)}
@@ -77,7 +77,7 @@ def test_train_two_ranks_then_sample_and_recon(family, repo, tmp_path):
 
     files = ModelFiles(gpt_ckpt=str(tmp_path / "run/export/model.pt"), tokenizer=ref)
     sampler = Sampler.from_files(files, SamplerConfig(cfg_scale=1.5, top_k=8, seed=0))
-    assert sampler.gpt.config.codebook_size == FAMILIES[name][1] and sampler.gpt.config.codebook_groups == 1
+    assert sampler.gpt.config.codes_per_group == FAMILIES[name][1] and sampler.gpt.config.codebook_groups == 1
     labels = torch.tensor([0, 1])
     codes = sampler.codes(labels, torch.tensor([5, 6]))
     assert codes.shape == (2, 16, 1) and 0 <= codes.min() and codes.max() < FAMILIES[name][1]

@@ -16,7 +16,8 @@ import torch
 from tokenizer import TokenizerRef, load_tokenizer
 from tokenizer.autoencoders import AUTOENCODERS
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
-from tokenizer.magvit2 import Magvit2Config
+from tokenizer.families.magvit2 import Magvit2Config
+from tokenizer.families.vqgan.model import VQGANConfig
 from tokenizer.recipes import RECIPES, LossConfig, resolve_loss
 from tokenizer.train import (
     CodebookConfig,
@@ -27,7 +28,6 @@ from tokenizer.train import (
     resolve,
     train,
 )
-from tokenizer.vqgan import VQGANConfig
 
 TINY = {
     "llamagen_vq": VQGANConfig(codebook_size=32, codebook_dim=4, quantizer="cosine", ch=32, ch_mult=[1, 1],

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, load_gpt
-from gpt.model import DropPath, one_query_attention, rope_2d
+from gpt.layers import DropPath, rope_2d
+from gpt.packed import one_query_attention
 
 V = 16  # codes per group in the tiny models
 
 
 def tiny_config(**overrides) -> GPTConfig:
-    base = dict(dim=32, n_head=4, num_classes=5, codebook_groups=4, codebook_size=V, grid_size=4,
+    base = dict(dim=32, n_head=4, num_classes=5, codebook_groups=4, codes_per_group=V, grid_size=4,
                 codebook_embed_dim=16, class_dropout_prob=0.0, token_dropout_p=0.0, resid_dropout_p=0.0,
                 ffn_dropout_p=0.0)
     return GPTConfig.preset("tiny", **{**base, **overrides})
@@ -39,7 +40,7 @@ def cached_logits(model: GPT, codes: torch.Tensor, labels: torch.Tensor, tensor_
     """Teacher-forced logits (B, L, G, V) through prefill / decode_step / sub_logits; `tensor_positions`: the
     positions as tensors (attention over the whole cache, masked, as a CUDA graph runs it) instead of ints."""
     B, L, G = codes.shape
-    out = torch.empty(B, L, G, model.config.codebook_size)
+    out = torch.empty(B, L, G, model.config.codes_per_group)
     h = model.prefill(labels)
     for t in range(L):
         if t > 0:
@@ -52,7 +53,7 @@ def cached_logits(model: GPT, codes: torch.Tensor, labels: torch.Tensor, tensor_
 def test_golden_parity(golden):
     expected = torch.load(golden / "gpt_tiny_expected.pt", weights_only=True)
     codebook = torch.load(golden / "tokenizer_tiny.pt", weights_only=True)["model"]["quantize.embedding.weight"]
-    model = load_gpt(golden / "gpt_tiny.pt", GPTConfig.from_official(expected["config"]), codebook=codebook)
+    model = load_gpt(golden / "gpt_tiny.pt", GPTConfig.from_official_mgvq(expected["config"]), codebook=codebook)
     with torch.no_grad():
         hidden = model.trunk(expected["codes"], expected["labels"])
         logits = model(expected["codes"], expected["labels"])
@@ -153,6 +154,25 @@ def test_drop_path_turns_resid_and_ffn_dropout_off_as_llamagen():
     assert block_rates(deep) == {("Dropout", 0.1), ("Dropout", 0.0), ("DropPath", 0.0), ("DropPath", 0.1),
                                  ("DropPath", 0.2)}
     assert deep.layers[0].attention.attn_dropout_p == 0.05 and deep.tok_dropout.p == 0.1
+
+
+def test_open_magvit2_keeps_resid_and_ffn_dropout_under_drop_path():
+    """The official Open-MAGVIT2 GPT keeps both dropouts with drop_path_rate > 0, in its trunk and in its factorized
+    blocks: the rule of LlamaGen's recipe is not its family's."""
+    config = tiny_config(head="factorized", input_embedding="learned", codebook_embed_dim=None, n_layer=3,
+                         resid_dropout_p=0.2, ffn_dropout_p=0.3, drop_path_rate=0.2)
+    model = GPT(config)
+    assert config.block_dropout == (0.2, 0.3)
+    for block in [*model.layers, *model.head.layers]:
+        assert (block.attention.resid_dropout.p, block.feed_forward.ffn_dropout.p) == (0.2, 0.3)
+    assert [round(block.drop_path.p, 6) for block in model.layers] == [0.0, 0.1, 0.2]
+
+
+def test_every_head_kind_has_a_class():
+    from gpt.config import DROP_PATH_REPLACES_DROPOUT, HEADS
+    from gpt.heads import HEADS as HEAD_CLASSES
+
+    assert set(HEADS) == set(HEAD_CLASSES) == set(DROP_PATH_REPLACES_DROPOUT)
 
 
 def test_label_dropout_rate():

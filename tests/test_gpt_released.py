@@ -20,7 +20,7 @@ def close(a, b) -> float:
 def tiny(fx: dict, adaln: bool) -> GPTConfig:
     c = fx["config"]
     dim = c.get("dim", c.get("n_embd"))
-    return GPTConfig.single_codebook("tiny", codebook_size=c["vocab_size"], grid_size=4, dim=dim, n_layer=c["n_layer"],
+    return GPTConfig.single_codebook("tiny", codes_per_group=c["vocab_size"], grid_size=4, dim=dim, n_layer=c["n_layer"],
                                      n_head=c["n_head"], num_classes=c.get("num_classes", c.get("class_num")),
                                      multiple_of=c["multiple_of"], class_adaln=adaln)
 

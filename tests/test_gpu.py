@@ -23,7 +23,7 @@ def adamw(model: GPT, fused: bool) -> torch.optim.AdamW:
 def small_gpt(**overrides) -> GPT:
     """GPT-B's head size (64) and norms on a small trunk, every weight random, on the GPU."""
     config = GPTConfig.preset("tiny", dim=256, n_layer=2, n_head=4, num_classes=10, codebook_groups=4,
-                              codebook_size=512, grid_size=8, codebook_embed_dim=None, input_embedding="learned",
+                              codes_per_group=512, grid_size=8, codebook_embed_dim=None, input_embedding="learned",
                               class_dropout_prob=0.0, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
                               **overrides)
     torch.manual_seed(0)

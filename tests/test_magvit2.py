@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer.families import FAMILIES, load_tokenizer
-from tokenizer.magvit2 import Magvit2Config, OpenMagvit2, depth_to_space
+from tokenizer.families.magvit2 import Magvit2Config, OpenMagvit2, depth_to_space
+from tokenizer.loading import load_tokenizer
+from tokenizer.registry import FAMILIES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "open_magvit2"
 TINY = {"ch": 32, "ch_mult": [2, 1], "num_res_blocks": 1, "z_channels": 5, "factorized_bits": [2, 3]}
@@ -49,8 +50,9 @@ def test_parity_with_official(io, lightning_ckpt, weights):
 
 def test_auto_weights_and_ar_checkpoint(io, lightning_ckpt, tmp_path):
     path, sd = lightning_ckpt
-    auto = load_tokenizer(path, TINY, family="open_magvit2")
-    assert torch.equal(auto.encode_codes(io["images"]), io["ema"]["codes_factorized"])
+    auto = load_tokenizer(path, TINY, family="open_magvit2")  # the official AR configs say use_ema: False
+    assert torch.equal(auto.encode_codes(io["images"]), io["raw"]["codes_factorized"])
+    assert not torch.equal(io["raw"]["codes_factorized"], io["ema"]["codes_factorized"])
     # An AR checkpoint holds the raw tokenizer under first_stage_model. next to the transformer: "auto" = raw.
     ar = {f"first_stage_model.{k}": v for k, v in sd.items() if not k.startswith("model_ema.")}
     ar["transformer.norm.weight"] = torch.ones(4)
@@ -82,12 +84,12 @@ def test_strict_loading_names_the_key(lightning_ckpt, tmp_path):
 def test_lfq_bits_and_dropped_groups():
     model = OpenMagvit2(Magvit2Config(**TINY))
     latent = torch.tensor([1.0, -2.0, 0.0, 3.0, 0.5]).view(1, 5, 1, 1)  # bits 1 0 | 0 1 1 (0 is not > 0)
-    codes = model.quantize(latent)
+    codes = model.codes_of(latent)
     assert codes.flatten().tolist() == [1, 6]
-    assert model.dequantize(codes).flatten().tolist() == [1, -1, -1, 1, 1]
-    assert model.dequantize(codes, groups_to_use=1).flatten().tolist() == [1, -1, 0, 0, 0]
+    assert model.latent_of(codes).flatten().tolist() == [1, -1, -1, 1, 1]
+    assert model.latent_of(codes, groups_to_use=1).flatten().tolist() == [1, -1, 0, 0, 0]
     every = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(8), indexing="ij"), -1).view(1, 4, 8, 2)
-    assert torch.equal(model.quantize(model.dequantize(every)), every)
+    assert torch.equal(model.codes_of(model.latent_of(every)), every)
 
 
 def test_depth_to_space_channel_order():

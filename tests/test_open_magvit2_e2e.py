@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from sampling.sampler import SampleRunConfig, SamplerConfig, run
-from tokenizer.config import TokenizerRef
 from tokenizer.data import ImageViews, list_images
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
-from tokenizer.magvit2 import Magvit2Config
+from tokenizer.families.magvit2 import Magvit2Config
+from tokenizer.loading import TokenizerRef
 from tokenizer.recon import ReconConfig, ReconDataConfig, eval_recon
 from tokenizer.store import CodeStore
 
@@ -30,7 +30,7 @@ def lightning_ckpt(path: Path) -> Path:
 
 def train_two_ranks(repo: Path, store: Path, ckpt: Path, out_dir: Path, head: str) -> list[dict]:
     overrides = [f"data.codes_dir={store}", f"tokenizer.checkpoint={ckpt}", "model=tiny", "model.dim=32",
-                 "model.n_layer=2", "model.n_head=2", "model.codebook_groups=null", "model.codebook_size=null",
+                 "model.n_layer=2", "model.n_head=2", "model.codebook_groups=null", "model.codes_per_group=null",
                  "model.grid_size=null", "model.num_classes=null", "model.input_embedding=learned",
                  f"model.head={head}", "model.ar_head_layers=1", "max_steps=20", "global_batch_size=4", "lr=3e-3",
                  "precision=fp32", "log_every=10", "ckpt_every=20", "data.num_workers=0", "model.token_dropout_p=0",
@@ -63,7 +63,7 @@ def test_extract_train_sample_recon(tmp_path, golden, repo, fresh_accelerate_sta
         assert [r["num_processes"] for r in log] == [2, 2]
         assert log[-1]["loss"] < log[0]["loss"]
         config = torch.load(tmp_path / head / "export" / "model.pt", weights_only=True)["config"]
-        assert (config["codebook_size"], config["head"]) == ([4, 8], head)
+        assert (config["codes_per_group"], config["head"]) == ([4, 8], head)
 
         npz = run(SampleRunConfig(gpt_ckpt=str(tmp_path / head / "export" / "model.pt"), tokenizer=ref,
                                   sampler=SamplerConfig(cfg_scale=[1.5, 2.0], temperature=[1.1, 1.0]),

@@ -1,4 +1,5 @@
-"""Packed linear weights for CPU decoding (gpt.packed): same results as F.linear, used only where they should be."""
+"""Packed linear weights for CPU decoding (gpt.packed), attached from outside the model: same results as F.linear,
+used only where they should be, and gone after a generation."""
 import copy
 import pickle
 
@@ -9,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt import GPT, GPTConfig
 import gpt.packed
-from gpt.packed import Linear
+from gpt.layers import FeedForward
+from gpt.packed import PackedFeedForward, PackedLinear, Packs
 from sampling import generate
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packs need oneDNN")
@@ -27,10 +29,10 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def packed_linear(bias: bool = True) -> Linear:
+def packed_linear(bias: bool = True) -> PackedLinear:
     torch.manual_seed(0)
-    layer = Linear(40, 48, bias=bias)
-    layer.attach_pack(True)
+    layer = PackedLinear(torch.nn.Linear(40, 48, bias=bias))
+    layer.refresh()
     assert layer.packed is not None
     return layer
 
@@ -69,32 +71,27 @@ def test_packs_are_skipped_under_autograd_and_autocast():
 def test_a_pack_follows_its_weight():
     layer = packed_linear(bias=False)
     kept = layer.packed
-    layer.attach_pack(False)
-    assert layer.packed is None
-    layer.attach_pack(True)
+    layer.refresh()
     assert layer.packed is kept  # unchanged weight: the kept pack, not a new one
     with torch.no_grad():
         layer.weight.mul_(-2.0)  # as an optimizer step would
-    layer.attach_pack(True)
+    layer.refresh()
     assert layer.packed is not kept
     x = torch.randn(4, 40)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
-    layer.attach_pack(False, keep=False)
-    assert layer.packed is None and layer._pack.packed is None
 
 
 def test_feed_forward_runs_w1_and_w3_as_one_packed_gemm():
-    from gpt.model import FeedForward
-
     torch.manual_seed(0)
-    ff = FeedForward(40, 64).eval()
+    plain = FeedForward(40, 64).eval()
     x = torch.randn(2, 3, 40)
     with torch.no_grad():
-        want = ff(x)  # unpacked: w1, w3 and w2 through F.linear
-        ff.attach_pack(True)
-        ff.w2.attach_pack(True)
+        want = plain(x)  # unpacked: w1, w3 and w2 through F.linear
+        ff = PackedFeedForward(plain)
+        ff.refresh()
         assert ff.packed.shape == (128, 40)  # w1 and w3 stacked
+        assert ff.w1 is plain.w1 and ff.w2.weight is plain.w2.weight  # the same parameters
         with OpLog() as log:
             got = ff(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -102,7 +99,7 @@ def test_feed_forward_runs_w1_and_w3_as_one_packed_gemm():
         assert "aten.mm" not in log.names and "aten.addmm" not in log.names
         kept = ff.packed
         ff.w3.weight.mul_(0.5)  # either weight changing makes a new pack
-        ff.attach_pack(True)
+        ff.refresh()
         assert ff.packed is not kept
         unpacked = F.linear(F.silu(F.linear(x, ff.w1.weight)) * F.linear(x, ff.w3.weight), ff.w2.weight)
         torch.testing.assert_close(ff(x), unpacked, rtol=1e-5, atol=1e-6)
@@ -123,7 +120,7 @@ def test_compiled_graphs_run_the_packed_gemm(bf16):
         return gm.forward
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        layer.attach_pack(True)
+        layer.refresh()
         assert layer.packed.dtype == (torch.bfloat16 if bf16 else torch.float32)
         eager = layer(x)
         traced = torch.compile(layer, backend=recording_backend, fullgraph=True)(x)
@@ -133,19 +130,23 @@ def test_compiled_graphs_run_the_packed_gemm(bf16):
     torch.testing.assert_close(inductor, eager, rtol=0, atol=0)
 
 
-def test_generate_runs_on_packs_and_leaves_none_behind():
+def tiny_gpt(head: str) -> GPT:
     torch.manual_seed(0)
-    config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=2, num_classes=10,
-                              codebook_embed_dim=8, head="parallel", input_embedding="codebook")
-    model = GPT(config, codebook=torch.randn(32, 4)).eval()
+    config = GPTConfig.preset("tiny", codebook_groups=2, codes_per_group=16, grid_size=2, num_classes=10,
+                              codebook_embed_dim=8, head=head, input_embedding="codebook")
+    return GPT(config, codebook=torch.randn(32, 4)).eval()
+
+
+def test_generate_runs_on_packs_and_leaves_none_behind():
+    model = tiny_gpt("parallel")
+    before = {name: type(m) for name, m in model.named_modules()}
     with OpLog() as log:
         generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1]))
     assert log.names.count("mkldnn._linear_pointwise") > 0
     assert "aten.mm" not in log.names and "aten.addmm" not in log.names  # every GEMM of the step is packed
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert linears and all(m.packed is None for m in linears) and model.head.packed is None
-    twin = copy.deepcopy(model)  # the kept packs are opaque tensors: a copy (an EMA, say) starts without them
-    assert twin.layers[0].attention.wqkv._pack.packed is None
+    assert {name: type(m) for name, m in model.named_modules()} == before  # the plain model again
+    assert all(m.kv_cache is None for m in model.modules() if hasattr(m, "kv_cache"))
+    twin = copy.deepcopy(model)  # the kept packs live outside the model: a copy (an EMA, say) has none
     assert torch.equal(generate(twin, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1])),
                        generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1])))
     pickle.loads(pickle.dumps(model))
@@ -154,10 +155,7 @@ def test_generate_runs_on_packs_and_leaves_none_behind():
 def test_a_torch_without_the_private_packing_ops_samples_through_f_linear(monkeypatch):
     """The packs use private torch ops (torch.ops.mkldnn._*). With one of them gone, nothing is packed, every GEMM
     runs through F.linear, and the codes equal the packed run's (the tiny model's logits agree to rounding)."""
-    torch.manual_seed(0)
-    config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=2, num_classes=10,
-                              codebook_embed_dim=8, head="parallel", input_embedding="codebook")
-    model = GPT(config, codebook=torch.randn(32, 4)).eval()
+    model = tiny_gpt("parallel")
     packed = generate(model, torch.tensor([1, 2]), cfg_scale=2.0, seeds=torch.tensor([0, 1]))
     monkeypatch.setattr(gpt.packed, "_ONEDNN_OPS", gpt.packed._ONEDNN_OPS + ("_an_op_a_later_torch_removed",))
     gpt.packed.packing_available.cache_clear()
@@ -176,10 +174,10 @@ def test_a_torch_without_the_private_packing_ops_samples_through_f_linear(monkey
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN on this CPU")
 def test_bf16_autocast_runs_on_a_bf16_pack():
     torch.manual_seed(0)
-    layer = Linear(40, 48)
+    layer = PackedLinear(torch.nn.Linear(40, 48))
     x = torch.randn(8, 40)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        layer.attach_pack(True)  # made under bfloat16 autocast: the oneDNN bfloat16 kind
+        layer.refresh()  # made under bfloat16 autocast: the oneDNN bfloat16 kind
         assert layer.packed.dtype == torch.bfloat16
         with OpLog() as log:
             got = layer(x)
@@ -190,7 +188,7 @@ def test_bf16_autocast_runs_on_a_bf16_pack():
         plain = layer(x)  # float32 now: the bfloat16 pack must not serve it
     assert "mkldnn._linear_pointwise" not in log.names
     torch.testing.assert_close(plain, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
-    layer.attach_pack(True)  # outside autocast: a float32 pack replaces it
+    layer.refresh()  # outside autocast: a float32 pack replaces it
     assert layer.packed.dtype == torch.float32
 
 
@@ -208,3 +206,25 @@ def test_bench_sample_compares_the_step_with_its_packed_gemms():
                          capture_output=True, text=True, check=True).stdout
     assert re.search(r"eager, 2x2 codes x G2: [\d.]+ s/batch", out)
     assert "weight GEMMs (packed, fp32 oneDNN)" in out and re.search(r"eager step [\d.]+ ms: ratio [\d.]+", out)
+
+
+def test_packs_swap_twins_sharing_the_parameters_in_and_out_and_hold_no_model():
+    import gc
+    import weakref
+
+    model = tiny_gpt("ar")
+    types = {name: type(m) for name, m in model.named_modules()}
+    params = dict(model.named_parameters())
+    packs = Packs(model)
+    packs.attach()
+    plain = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert plain and all(name.endswith((".w1", ".w3")) for name in plain)  # run through their FeedForward's pack
+    assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameters, the same names
+    packs.detach()
+    assert {name: type(m) for name, m in model.named_modules()} == types
+    generate(model, torch.tensor([1, 2]), seeds=torch.tensor([0, 1]))  # keeps its packs and caches for the next
+    gone = weakref.ref(model)
+    del model, packs
+    gc.collect()
+    assert gone() is None  # what generate keeps does not keep the model alive

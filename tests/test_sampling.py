@@ -107,7 +107,7 @@ def test_random_streams_are_uniform_and_keyed_by_seed_and_counter():
 
 def tiny_gpt(head: str, grid: int = 4, groups: int = 4, codes: int = 16, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    config = GPTConfig.preset("tiny", codebook_groups=groups, codebook_size=codes, grid_size=grid, num_classes=10,
+    config = GPTConfig.preset("tiny", codebook_groups=groups, codes_per_group=codes, grid_size=grid, num_classes=10,
                               codebook_embed_dim=8, head=head, input_embedding="codebook")
     model = GPT(config, codebook=torch.randn(groups * codes, 8 // groups))
     for p in model.parameters():  # LlamaGen's init zeroes heads and position tables: make every logit differ
@@ -211,7 +211,7 @@ def test_cfg_scale_below_one_is_refused_and_nan_logits_raise():
 def small_gpt(head: str, grid: int = 3) -> GPT:
     """Two groups and a one-layer AR head: the smallest model whose compiled step still holds every part."""
     torch.manual_seed(0)
-    config = GPTConfig.preset("tiny", codebook_groups=2, codebook_size=16, grid_size=grid, num_classes=10,
+    config = GPTConfig.preset("tiny", codebook_groups=2, codes_per_group=16, grid_size=grid, num_classes=10,
                               codebook_embed_dim=8, head=head, input_embedding="codebook", ar_head_layers=1)
     model = GPT(config, codebook=torch.randn(32, 4))
     for p in model.parameters():

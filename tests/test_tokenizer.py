@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from tokenizer import MGVQ, MGVQConfig, TokenizerRef, load_tokenizer, save_tokenizer
 from tokenizer.common.io import sha256_file
-from tokenizer.layers import LiteMLA, RMSNorm2d
-from tokenizer.quantizer import MultiGroupQuantizer
+from tokenizer.families.mgvq.layers import LiteMLA, RMSNorm2d
+from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
 
 
 def assert_close(got, want):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from tokenizer import MGVQ, MGVQConfig, TokenizerRef, load_tokenizer
 from tokenizer.autoencoders import code_counts, reseed_dead_codes
 from tokenizer.common.runs import GlobalBatchSampler
+from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
 from tokenizer.losses import LPIPS, charbonnier, hinge_d_loss, hinge_g_loss, l2
-from tokenizer.quantizer import MultiGroupQuantizer
 from tokenizer.recipes import LossConfig
 from tokenizer.train import (
     CodebookConfig,

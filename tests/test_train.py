@@ -67,7 +67,7 @@ def _fresh_accelerate_state():
 
 
 def tiny_model(**overrides) -> GPTConfig:
-    return GPTConfig.preset("tiny", dim=32, n_layer=2, n_head=2, codebook_groups=None, codebook_size=None,
+    return GPTConfig.preset("tiny", dim=32, n_layer=2, n_head=2, codebook_groups=None, codes_per_group=None,
                             grid_size=None, num_classes=None, codebook_embed_dim=None, **overrides)
 
 
@@ -222,7 +222,7 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path, store, golden, monkeypa
     assert [p.name for p in list_checkpoints(tmp_path / "straight")] == ["step_0000004", "step_0000006"]
 
     model = load_gpt(resumed)  # what the sampler reads
-    assert model.config.codebook_groups == G and model.config.codebook_size == V and model.config.grid_size == HW
+    assert model.config.codebook_groups == G and model.config.codes_per_group == V and model.config.grid_size == HW
     loaded = model.state_dict()
     assert loaded.keys() == ema_b["model"].keys()
     assert all(torch.equal(loaded[k], ema_b["model"][k]) for k in loaded)
@@ -231,7 +231,7 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path, store, golden, monkeypa
 def test_fine_tuning_starts_from_an_official_checkpoint(tmp_path, golden):
     """init_from reads the official MGVQ layout (AR head), as for the released GPT-XXL; lr 0 keeps it as loaded."""
     expected = torch.load(golden / "gpt_tiny_expected.pt", weights_only=True)
-    model = GPTConfig.from_official(expected["config"])
+    model = GPTConfig.from_official_mgvq(expected["config"])
     store = write_store(tmp_path / "codes", golden, num_images=10, hw=model.grid_size, classes=model.num_classes)
     cfg = train_config(store, tmp_path / "run", golden, model=model, init_from=str(golden / "gpt_tiny.pt"),
                        max_steps=1, lr=0.0, lr_schedule="constant", warmup_steps=0, ema=0.0, grad_accum=1,

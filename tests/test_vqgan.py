@@ -1,10 +1,10 @@
-"""LlamaGen VQ and IBQ tokenizers (tokenizer.vqgan) against golden outputs of the official code (tests/fixtures)."""
+"""LlamaGen VQ and IBQ tokenizers (tokenizer.families.vqgan.model) against golden outputs of the official code (tests/fixtures)."""
 import pytest
 import torch
 
 from conftest import family_fixture
-from tokenizer.vqgan import PRESETS, VQGAN, VQGANConfig, chunked_argmax
-from tokenizer.vqgan_weights import _ibq_ema, llamagen_to_vqgan
+from tokenizer.families.vqgan.model import PRESETS, VQGAN, VQGANConfig, chunked_argmax
+from tokenizer.families.vqgan.official import _ibq_ema, llamagen_to_vqgan
 
 RTOL = 1e-4
 
@@ -97,3 +97,14 @@ def test_config_errors_name_the_field():
         VQGANConfig(codebook_size=4, codebook_dim=2, quantizer="dot", attn_levels=[7])
     with pytest.raises(ValueError, match="unknown VQGANConfig fields"):
         VQGANConfig.from_dict({"codebook_size": 4, "codebook_dim": 2, "quantizer": "dot", "depth": 3})
+
+
+def test_z_channels_need_not_be_a_multiple_of_32():
+    """Only the normalised widths (ch x ch_mult) meet GroupNorm(32); z (IBQ and taming accept 16) does not."""
+    config = VQGANConfig(codebook_size=16, codebook_dim=4, quantizer="dot", ch=32, ch_mult=[1, 2], attn_levels=[],
+                         num_res_blocks=1, z_channels=16)
+    model = VQGAN(config).eval()
+    codes = model.encode_codes(torch.rand(1, 3, 8, 8) * 2 - 1)
+    assert codes.shape == (1, 4, 4, 1) and model.decode_codes(codes).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        VQGANConfig(codebook_size=16, codebook_dim=4, quantizer="dot", ch=48, ch_mult=[1, 2])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokenizer import load_tokenizer, save_tokenizer
-from tokenizer.vqgan import VQGAN, VQGANConfig
+from tokenizer.families.vqgan.model import VQGAN, VQGANConfig
 
 
 class NotAllowed:

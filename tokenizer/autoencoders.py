@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tokenizer.base import group_sizes
+from tokenizer.families.mgvq.model import MGVQ
+from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
 from tokenizer.family_losses import cosine_vq, index_propagation, lookup_free
-from tokenizer.families import group_sizes
-from tokenizer.model import MGVQ
-from tokenizer.quantizer import MultiGroupQuantizer
 from tokenizer.recipes import LossConfig
 
 
@@ -110,7 +110,7 @@ class MGVQAutoencoder(Autoencoder):
 
 
 class CodebookAutoencoder(Autoencoder):
-    """A single-codebook VQGAN (tokenizer/vqgan.py) trained through `quantizer(z, weight, beta, temperature)`."""
+    """A single-codebook VQGAN (tokenizer/families/vqgan) trained through `quantizer(z, weight, beta, temperature)`."""
 
     quantizer = staticmethod(cosine_vq)
 
@@ -148,7 +148,7 @@ class LookupFreeAutoencoder(Autoencoder):
         with torch.autocast(device_type=x.device.type, enabled=False):
             quantized, terms = lookup_free(z, self.temperature)
         terms["commit"] = self.loss.beta * terms["commit"]
-        return tok.decode(quantized.to(z.dtype)), tok.quantize(z.detach()), terms, z.detach()
+        return tok.decode(quantized.to(z.dtype)), tok.codes_of(z.detach()), terms, z.detach()
 
     def aux_loss(self, terms: dict) -> torch.Tensor:
         return self.loss.codebook_weight * terms["commit"] + self.entropy_loss(terms)

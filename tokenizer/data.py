@@ -25,6 +25,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 NUM_VIEWS = {"plain": 1, "flip": 2, "tencrop": 10, "tencrop_flip": 20}
 
 
+def num_views(views: str) -> int:
+    """The number of views of the `data.views` setting `views`, or a ValueError naming the settings there are."""
+    if views not in NUM_VIEWS:
+        raise ValueError(f"data.views={views!r}: expected one of {sorted(NUM_VIEWS)}")
+    return NUM_VIEWS[views]
+
+
 def list_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     """(relative file paths, labels, class names) in torchvision ImageFolder order, extensions included."""
     root = Path(root)
@@ -63,8 +70,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 def image_views(image: Image.Image, image_size: int, views: str, crop_range: float = 1.1) -> torch.Tensor:
     """The views (A, 3, S, S) of one RGB image in [-1, 1], ordered as in the module docstring."""
-    if views not in NUM_VIEWS:
-        raise ValueError(f"data.views={views!r}: expected one of {sorted(NUM_VIEWS)}")
+    num_views(views)
     crops = [center_crop_arr(image, image_size)]
     if views.startswith("tencrop"):
         big = center_crop_arr(image, int(image_size * crop_range))
@@ -90,8 +96,7 @@ class ImageViews(Dataset):
 
     def __init__(self, root: str | Path, image_size: int, views: str = "plain", crop_range: float = 1.1,
                  files: list[str] | None = None, labels: list[int] | None = None):
-        if views not in NUM_VIEWS:
-            raise ValueError(f"data.views={views!r}: expected one of {sorted(NUM_VIEWS)}")
+        self.num_views = num_views(views)
         if crop_range < 1.0:
             raise ValueError(f"data.crop_range={crop_range} must be >= 1")
         self.root = Path(root)
@@ -99,7 +104,6 @@ class ImageViews(Dataset):
             files, labels, _ = list_images(root)
         self.files, self.labels = files, labels
         self.image_size, self.views, self.crop_range = image_size, views, crop_range
-        self.num_views = NUM_VIEWS[views]
 
     def __len__(self) -> int:
         return len(self.files)

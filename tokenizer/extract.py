@@ -15,11 +15,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from tokenizer.base import group_sizes
 from tokenizer.common.io import sha256_file
 from tokenizer.common.precision import autocast_dtype, check_precision
-from tokenizer.config import TokenizerRef
-from tokenizer.data import NUM_VIEWS, ImageViews, files_fingerprint, list_images
-from tokenizer.families import group_sizes
+from tokenizer.data import ImageViews, files_fingerprint, list_images, num_views
+from tokenizer.loading import TokenizerRef
 from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter, dtype_for
 
 
@@ -50,8 +50,7 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
                precision: str) -> dict:
     """Everything that determines the store's bytes; a resumed or repeated run must match it exactly."""
     size = cfg.data.image_size
-    if cfg.data.views not in NUM_VIEWS:
-        raise ValueError(f"data.views={cfg.data.views!r}: expected one of {sorted(NUM_VIEWS)}")
+    views = num_views(cfg.data.views)
     if size % tok.downsample:
         raise ValueError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
     sizes = group_sizes(tok)  # (MGVQConfig refuses a codebook that does not split into its groups)
@@ -67,7 +66,7 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
         "tokenizer_weights": cfg.tokenizer.weights,
         "image_size": size,
         "views": cfg.data.views,
-        "num_views": NUM_VIEWS[cfg.data.views],
+        "num_views": views,
         "crop_range": cfg.data.crop_range if tencrop else None,
         "precision": precision,
         "groups": tok.codebook_groups,

@@ -1,37 +1,26 @@
-"""Load and save tokenizer weights of every family (tokenizer.families): official layouts and this project's,
-strictly, without downloads."""
+"""Load and save tokenizers of every family (tokenizer.registry), strictly, without downloads: `load_tokenizer`
+(the one loader), `TokenizerRef` (which file, family and architecture: the hydra `tokenizer` group),
+`save_tokenizer` and `read_codebook`. Each file is read once per load; a family's reader takes its contents."""
+from __future__ import annotations
+
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tokenizer.common.io import atomic_path
+from tokenizer.base import check_weights_choice
+from tokenizer.common.io import atomic_path, load_weights_file
 from tokenizer.common.settings import refuse_mismatch
-from tokenizer.vqgan_weights import load_official
+from tokenizer.families.magvit2 import Magvit2Config
+from tokenizer.families.mgvq.config import MGVQConfig
+from tokenizer.families.mgvq.official import is_state_dict
+from tokenizer.families.vqgan.model import PRESETS as VQGAN_PRESETS
+from tokenizer.families.vqgan.model import VQGANConfig
+from tokenizer.registry import family_of, get_family
 
-# Checkpoint entries that may hold the weights, in order of preference: EMA weights are what one samples with.
-WEIGHT_KEYS = ("ema", "model", "state_dict")
 CODEBOOK_KEY = "quantize.embedding.weight"  # the raw code rows the GPT embeds (official and this project's layout)
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def pick_state_dict(ckpt, path) -> tuple[dict, str]:
-    """The weights in a checkpoint: the first of `ema`, `model`, `state_dict`, or the file itself if it is a
-    bare state dict. Returns (state_dict, which)."""
-    if isinstance(ckpt, dict):
-        for key in WEIGHT_KEYS:
-            if key in ckpt:
-                if not _is_state_dict(ckpt[key]):
-                    raise ValueError(f"{path}: entry {key!r} is not a state dict of tensors")
-                return ckpt[key], key
-        if _is_state_dict(ckpt):
-            return ckpt, "<file>"
-        raise ValueError(f"{path}: no weights found; expected one of the keys {list(WEIGHT_KEYS)}, "
-                         f"found {sorted(map(str, ckpt))[:10]}")
-    raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
@@ -52,44 +41,49 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
         raise RuntimeError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
 
 
-def _stored(blob: dict, path, family: str):
-    """(config, state dict) of this project's file `{"model", "config", "family"}`, or None for an official file."""
-    if not (isinstance(blob.get("config"), dict) and _is_state_dict(blob.get("model"))):
-        return None
-    from tokenizer.families import get_family  # families imports this module
-
-    stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
-    if stored_family != family:
-        raise ValueError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
-    return get_family(family).config_cls.from_dict(blob["config"]), blob["model"]
+def read_file(path: str | os.PathLike) -> dict:
+    """A tokenizer file's contents (weights only, memory-mapped where the format allows), which must be a dict:
+    the one read of the file per load."""
+    blob = load_weights_file(path, "tokenizer checkpoint")
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict checkpoint")
+    return blob
 
 
-def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", family: str = "mgvq",
-                   weights: str = "auto") -> torch.nn.Module:
-    """A tokenizer of `family` (tokenizer.families) from `path`, in eval mode with gradients off.
+def read_weights(path: Path, family: str, weights: str) -> tuple[Any, dict, str]:
+    """(stored config or None, state dict in the family's key names, which entry) of a tokenizer file: this
+    project's `{"model", "config", "family"}` or the family's official layout (read by the family)."""
+    check_weights_choice(weights)
+    fam = get_family(family)
+    blob = read_file(path)
+    if isinstance(blob.get("config"), dict) and is_state_dict(blob.get("model")):
+        stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
+        if stored_family != family:
+            raise ValueError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
+        return fam.config_cls.from_dict(blob["config"]), blob["model"], "model"
+    return None, *fam.read_official(blob, path, weights)
+
+
+def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "mgvq", weights: str = "auto",
+                   map_location="cpu") -> torch.nn.Module:
+    """A tokenizer of `family` from `path`, in eval mode with gradients off.
 
     The file is this project's `{"model": sd, "config": dict, "family": name}` or the family's official layout,
-    whose weights the family reads (`weights`: auto = what the official AR sampler decodes with, ema or raw;
-    MGVQ: EMA wins over model over state_dict). `config` None reads the stored config; a config given for a
-    file that stores one must equal it. Keys and shapes must match exactly.
+    whose weights the family reads (`weights`: auto = what the family's official AR sampler decodes with, ema or
+    raw; MGVQ: EMA wins over model over state_dict). `config`: the family's dataclass or a dict of its fields;
+    None reads the stored config (official files store none); a config given for a file that stores one must
+    equal it. Keys and shapes must match exactly.
     """
-    from tokenizer.families import get_family
-
-    fam = get_family(family)
+    fam, path = get_family(family), Path(path)
+    if isinstance(config, dict):
+        config = fam.config_cls.from_dict(config)
     if config is not None and fam.check_config is not None:
         fam.check_config(config)
-    path = Path(path)
-    stored = _stored(load_official(path), path, family)
-    if stored is None and config is None and family != "mgvq":  # (MGVQ: a file without weights says so first)
-        raise ValueError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
-                         f"{fam.config_cls.__name__}.preset(...)")
-    if stored is not None:
-        stored_config, state_dict, which = *stored, "model"
-    else:
-        stored_config, (state_dict, which) = None, fam.read_weights(path, weights)
+    stored_config, state_dict, which = read_weights(path, family, weights)
     if config is None:
         if stored_config is None:
-            raise ValueError(f"{path} stores no config: pass one, e.g. {fam.config_cls.__name__}.preset(...)")
+            raise ValueError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
+                             f"{fam.config_cls.__name__}.preset(...)")
         config = stored_config
     elif stored_config is not None:
         # Keys and shapes would not catch e.g. a different activation: refuse any difference.
@@ -107,21 +101,53 @@ def load_tokenizer(path: str | os.PathLike, config=None, map_location="cpu", fam
 
 def save_tokenizer(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write this project's tokenizer file `{"model": state_dict, "config": dict, "family": name}` atomically."""
-    from tokenizer.families import family_of
-
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "family": family_of(model)}, tmp)
 
 
 def read_codebook(path: str | os.PathLike, family: str = "mgvq", weights: str = "auto") -> torch.Tensor:
-    """The raw codebook table (codebook_size, latent/G) of a tokenizer file, in float32, reading only that tensor
-    (memory-mapped where the file allows): what a GPT with codebook input embeds. Official files give the
-    weights `load_tokenizer(path, family=family, weights=weights)` would load."""
-    from tokenizer.families import get_family
-
+    """The raw codebook table (codebook_size, latent/G) of a tokenizer file, in float32, copying only that tensor
+    out of the memory-mapped file: what a GPT with codebook input embeds. Official files give the weights
+    `load_tokenizer(path, family=family, weights=weights)` would load."""
     path = Path(path)
-    stored = _stored(load_official(path), path, family)
-    weights = stored[1] if stored is not None else get_family(family).read_weights(path, weights)[0]
-    if CODEBOOK_KEY not in weights:
+    state_dict = read_weights(path, family, weights)[1]
+    if CODEBOOK_KEY not in state_dict:
         raise KeyError(f"tokenizer checkpoint {path} has no {CODEBOOK_KEY!r}")
-    return weights[CODEBOOK_KEY].float().clone()
+    return state_dict[CODEBOOK_KEY].float().clone()
+
+
+@dataclass
+class TokenizerRef:
+    """Which tokenizer to load: a weights file, its family and its architecture (the hydra `tokenizer` group).
+
+    `config` None means the architecture the file stores (this project's tokenizer files carry it); official
+    checkpoints store none, so their preset gives it (`tokenizer=mgvq-f16c32-g4`).
+    """
+
+    config: Any = None  # the architecture (or its dict): MGVQConfig, VQGANConfig (llamagen_vq, ibq), Magvit2Config
+    checkpoint: str | None = None  # the weights file
+    family: str = "mgvq"  # a name in tokenizer.registry.FAMILIES
+    weights: str = "auto"  # official files: auto (what the family's official AR sampler decodes with) | ema | raw
+
+    def __post_init__(self):
+        family = get_family(self.family)  # names the families on a typo
+        check_weights_choice(self.weights)
+        if isinstance(self.config, dict):
+            self.config = family.config_cls.from_dict(self.config)
+
+    def require_checkpoint(self, why: str) -> str:
+        if not self.checkpoint:
+            raise ValueError(f"tokenizer.checkpoint is required: {why}")
+        return self.checkpoint
+
+    def load(self, map_location="cpu") -> torch.nn.Module:
+        """The tokenizer in eval mode with gradients off (see load_tokenizer)."""
+        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, self.family,
+                              self.weights, map_location)
+
+
+def named_refs() -> dict[str, TokenizerRef]:
+    """Every family's presets as hydra `tokenizer` group nodes: TokenizerRef(config=arch, family=...)."""
+    archs = {**MGVQConfig.named_presets(), **Magvit2Config.named_presets(),
+             **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
+    return {name: TokenizerRef(config=arch, family=family_of(arch)) for name, arch in archs.items()}

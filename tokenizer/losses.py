@@ -1,6 +1,6 @@
 """Tokenizer training losses: Charbonnier and L2 reconstruction, LPIPS (VGG16), PatchGAN hinge losses.
 
-The VQ and commitment terms come with the quantizer's output (tokenizer/quantizer.py). LPIPS and the
+The VQ and commitment terms come with the quantizer's output (tokenizer/families/mgvq/quantizer.py). LPIPS and the
 discriminator follow LlamaGen's and MGVQ's tokenizer recipe (taming-transformers lineage); weights are
 only ever read from local files.
 """
@@ -55,7 +55,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_weights: str | os.PathLike | None, lin_weights: str | os.PathLike | None):
         super().__init__()
-        from torchvision.models.vgg import cfgs, make_layers
+        from torchvision.models.vgg import cfgs, make_layers  # torchvision: only LPIPS needs it
 
         features = make_layers(cfgs["D"])  # torchvision vgg16's `features`, without building its 120M-weight classifier
         vgg = {k.removeprefix("features."): v for k, v in _load_local(vgg_weights, "LPIPS VGG16").items()

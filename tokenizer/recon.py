@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from tokenizer.base import group_sizes
 from tokenizer.common.io import write_json_atomic
-from tokenizer.config import TokenizerRef
 from tokenizer.data import ImageViews
-from tokenizer.families import group_sizes
+from tokenizer.loading import TokenizerRef
 
 
 def psnr_from_mse(mse: float) -> float:

@@ -1,4 +1,4 @@
-"""The code store: MGVQ codes of every image and view, memory-mapped, written in place, resumable.
+"""The code store: the codes (any tokenizer family) of every image and view, memory-mapped, written in place, resumable.
 
 A complete store is a directory with
     codes.npy   uint16 (N, A, h, w, G)   view 0 = the plain center crop; uint32 when a group has > 65536 codes

@@ -24,14 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from tokenizer.autoencoders import AUTOENCODERS, Autoencoder, code_counts
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
-from tokenizer.config import TokenizerRef
 from tokenizer.data import center_crop_arr, list_images
-from tokenizer.families import get_family, load_tokenizer
 from tokenizer.family_losses import G_LOSSES, LeCAM
-from tokenizer.loading import save_tokenizer
+from tokenizer.loading import TokenizerRef, load_tokenizer, save_tokenizer
 from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_loss, l2
 from tokenizer.recipes import LossConfig, resolve_loss, resolve_optimizer
 from tokenizer.recon import codebook_usage
+from tokenizer.registry import get_family
 
 
 @dataclass

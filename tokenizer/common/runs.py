@@ -102,7 +102,7 @@ class ShardedEMA:
     def state_dict(self) -> dict:
         """The full EMA weights and the live buffers, on the CPU of the main process ({} elsewhere). Collective:
         every rank must call it (accelerate's save_state does)."""
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # heavy, and only FSDP runs need it
 
         main = PartialState().is_main_process
         shadow, out = dict(zip(self.names, self.shadow)), {}
@@ -116,7 +116,7 @@ class ShardedEMA:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Take this rank's shards of the full weights `state` (buffers come back with the model)."""
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import distribute_tensor  # heavy, and only FSDP runs need it
 
         for name, mine in zip(self.names, self.shadow):
             full = state[name].to(device=mine.device, dtype=mine.dtype)
@@ -240,7 +240,7 @@ def make_optimizer(model: nn.Module, cfg: RunConfig, *, no_decay: tuple[str, ...
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, max_steps: int):
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # transformers takes seconds to import: only a trainer pays
 
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule={cfg.lr_schedule!r}: choose one of {sorted(LR_SCHEDULES)}")

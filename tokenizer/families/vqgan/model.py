@@ -8,7 +8,7 @@ the quantizer:
 - `dot` (IBQ): the code is the argmax of the raw dot product z . E (IBQ trains with a softmax over these
   logits), not the nearest in Euclidean distance, and the decoder sees the raw row.
 Parameter names follow IBQ's taming layout (`encoder.down.{level}.block.{i}`, `mid.block_1`, ...); LlamaGen's
-files are translated when read (tokenizer/vqgan_weights.py). Parity with both official implementations is
+files are translated when read (tokenizer/families/vqgan/official.py). Parity with both official implementations is
 tested against tests/fixtures/{llamagen_vq,ibq}.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer.common.settings import known_fields, preset_fields
-from tokenizer.model import IMAGE_CHANNELS, CodeTokenizer
+from tokenizer.base import IMAGE_CHANNELS, VQTokenizer
 
 QUANTIZERS = ("cosine", "dot")
 
@@ -48,9 +48,9 @@ class VQGANConfig:
             problems.append(f"ch_mult={self.ch_mult} and num_res_blocks={self.num_res_blocks} must be non-empty")
         if any(not 0 <= lv < len(self.ch_mult) for lv in self.attn_levels):
             problems.append(f"attn_levels={self.attn_levels} must index the {len(self.ch_mult)} levels of ch_mult")
-        if any(self.ch * m % 32 for m in self.ch_mult) or self.z_channels % 32:
-            problems.append(f"ch={self.ch} x ch_mult={self.ch_mult} and z_channels={self.z_channels} must be "
-                            f"multiples of 32 (GroupNorm with 32 groups)")
+        if any(self.ch * m % 32 for m in self.ch_mult):  # z (z_channels) meets no GroupNorm
+            problems.append(f"ch={self.ch} x ch_mult={self.ch_mult} gives widths that must be multiples of 32 "
+                            f"(GroupNorm with 32 groups)")
         if problems:
             raise ValueError("invalid VQGANConfig: " + "; ".join(problems))
 
@@ -275,7 +275,7 @@ class SingleQuantizer(nn.Module):
         return rows.permute(0, 3, 1, 2).contiguous()
 
 
-class VQGAN(CodeTokenizer):
+class VQGAN(VQTokenizer):
     """Images (B, 3, H, W) in [-1, 1] <-> codes (B, H/f, W/f, 1); the same public surface as tokenizer.MGVQ."""
 
     def __init__(self, config: VQGANConfig):
@@ -285,8 +285,3 @@ class VQGAN(CodeTokenizer):
         self.quantize = SingleQuantizer(c.codebook_size, c.codebook_dim, c.quantizer)
         self.quant_conv = nn.Conv2d(c.z_channels, c.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.codebook_dim, c.z_channels, 1)
-
-    def codebook(self) -> torch.Tensor:
-        """Raw code rows (K, d) (`quantize.embedding.weight`, as tokenizer.read_codebook reads them), for a GPT
-        with codebook input. The released LlamaGen and IBQ GPTs learn their own input embedding instead."""
-        return self.quantize.embedding.weight.detach()

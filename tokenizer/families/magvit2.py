@@ -2,7 +2,7 @@
 with depth-to-space upsampling and adaptive group norm conditioned on the quantized code map.
 
 Parameter names follow the official `improved_model.py` Encoder / Decoder, so the released Lightning checkpoints
-load strictly (`read_weights`). A latent of C channels quantizes to C signs; they are split into G sub-tokens of
+load strictly (`read_official`). A latent of C channels quantizes to C signs; they are split into G sub-tokens of
 `factorized_bits` bits each (channels in order, the first channel of a group its least significant bit), the
 factorization the released AR models predict: [6, 12] is a 64-code then a 4096-code sub-token.
 """
@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.common.io import load_weights_file
 from tokenizer.common.settings import known_fields, preset_fields
-from tokenizer.model import IMAGE_CHANNELS, check_images
+from tokenizer.base import IMAGE_CHANNELS, CodeTokenizer
 
 NORM_GROUPS = 32
 EPS = 1e-6
@@ -222,7 +221,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-class OpenMagvit2(nn.Module):
+class OpenMagvit2(CodeTokenizer):
     """Open-MAGVIT2 tokenizer. Images are float (B, 3, H, W) in [-1, 1]; codes are (B, h, w, G) sub-token indices,
     sub-token g taking values in [0, 2**factorized_bits[g])."""
 
@@ -232,13 +231,8 @@ class OpenMagvit2(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> pre-quantization latent (B, Z, H/f, W/f)."""
-        check_images(x, self.downsample)
         return self.encoder(x)
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
@@ -252,14 +246,14 @@ class OpenMagvit2(nn.Module):
         weight = torch.cat([2 ** torch.arange(b, device=device) for b in bits])
         return group, weight
 
-    def quantize(self, latent: torch.Tensor) -> torch.Tensor:
+    def codes_of(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent (B, Z, h, w) -> codes (B, h, w, G): bit = latent > 0, index = sum of bit * 2**(place in group)."""
         group, weight = self.bit_tables(latent.device)
         bits = (latent > 0).long().permute(0, 2, 3, 1)  # (B, h, w, Z)
         codes = bits.new_zeros(*bits.shape[:-1], self.config.codebook_groups)
         return codes.index_add_(-1, group, bits * weight)
 
-    def dequantize(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
+    def latent_of(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
         """Codes (B, h, w, G) -> latent (B, Z, h, w) of +-1; channels of groups >= groups_to_use are 0."""
         G = self.config.codebook_groups
         if codes.ndim != 4 or codes.shape[-1] != G:
@@ -271,39 +265,27 @@ class OpenMagvit2(nn.Module):
             quant = quant * (group < groups_to_use)
         return quant.permute(0, 3, 1, 2).contiguous()
 
-    @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f, G) int64."""
-        return self.quantize(self.encode(x))
-
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
-        """Codes (B, h, w, G) -> images (B, 3, h*f, w*f), unclamped. Groups >= groups_to_use contribute zeros."""
-        weight = self.decoder.conv_in.weight
-        quant = self.dequantize(codes.to(weight.device), groups_to_use)
-        return self.decode(quant.to(weight.dtype))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction through the codes (no gradient: training goes through tokenizer/autoencoders.py)."""
+        return self.decode(self.latent_of(self.codes_of(self.encode(x))))
 
     def codebook(self) -> None:
         """None: LFQ has no code table to hand a GPT; the GPT learns its own code embeddings."""
         return None
 
 
-WEIGHT_CHOICES = ("auto", "ema", "raw")
-
-
-def read_weights(path: str | os.PathLike, weights: str = "auto") -> tuple[dict, str]:
-    """The encoder/decoder weights of an official Lightning checkpoint, in OpenMagvit2's key names.
+def read_official(blob: dict, path: str | os.PathLike, weights: str = "auto") -> tuple[dict, str]:
+    """The encoder/decoder weights of an official Lightning checkpoint `blob` (read from `path`), in OpenMagvit2's
+    key names.
 
     `["state_dict"]` holds the raw weights under `encoder.` / `decoder.` (an AR checkpoint: under
     `first_stage_model.`) and, in a tokenizer checkpoint, their EMA under `model_ema.<name without dots>`.
-    weights: "ema", "raw", or "auto" (EMA where the file has it). The released AR models were trained on codes of
-    the raw weights and decode with them. Returns (state_dict, which); the discriminator, the EMA counters and an
-    AR file's transformer are left out, every other key must be the model's (the caller checks them strictly).
+    weights: "ema", "raw", or "auto" = raw: the official AR configs load the tokenizer with `use_ema: False`, so the
+    released AR models were trained on codes of the raw weights and decode with them. Returns (state_dict, which);
+    the discriminator, the EMA counters and an AR file's transformer are left out, every other key must be the
+    model's (the caller checks them strictly).
     """
-    if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_CHOICES}")
-    ckpt = load_weights_file(path, "tokenizer checkpoint")
-    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    sd = blob.get("state_dict")
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     prefix = "first_stage_model." if any(k.startswith("first_stage_model.encoder.") for k in sd) else ""
@@ -311,7 +293,7 @@ def read_weights(path: str | os.PathLike, weights: str = "auto") -> tuple[dict, 
     ema = {k[len("model_ema."):]: v for k, v in sd.items() if k.startswith(("model_ema.encoder", "model_ema.decoder"))}
     if not raw:
         raise ValueError(f"{path}: no encoder./decoder. weights in its state_dict")
-    if weights == "raw" or (weights == "auto" and not ema):
+    if weights != "ema":
         return raw, "raw"
     if not ema:
         raise ValueError(f"{path}: weights='ema' but the file has no model_ema.encoder*/decoder* entries "

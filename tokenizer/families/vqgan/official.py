@@ -1,4 +1,4 @@
-"""Read the released LlamaGen VQ and SEED-Voken IBQ tokenizer files into tokenizer.vqgan.VQGAN's key names.
+"""Read the released LlamaGen VQ and SEED-Voken IBQ tokenizer files into tokenizer.families.vqgan.model.VQGAN's key names.
 
 - LlamaGen (`vq_ds16_c2i.pt`): `{"model": sd, "ema": sd (when trained with --ema), "args": argparse.Namespace, ...}`.
   The pickled `args` is accepted by allowing exactly `argparse.Namespace` in the weights-only unpickler. Its
@@ -17,26 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.common.io import load_weights_file
 
-WEIGHTS = ("auto", "ema", "raw")
 TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 # Training statistics in the official files that no forward reads.
 LLAMAGEN_UNUSED = ("quantize.codebook_used",)
 IBQ_EMA_UNUSED = ("model_ema.decay", "model_ema.num_updates")
-
-
-def load_official(path: str | Path) -> dict:
-    """A tokenizer checkpoint, weights only (tokenizer.common.io.load_weights_file), that must be a dict."""
-    blob = load_weights_file(path, "tokenizer checkpoint")
-    if not isinstance(blob, dict):
-        raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict checkpoint")
-    return blob
-
-
-def _check_choice(weights: str) -> None:
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r} is not one of {WEIGHTS}")
 
 
 def llamagen_to_vqgan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,10 +44,9 @@ def llamagen_to_vqgan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_llamagen(path: str | Path, weights: str = "auto") -> tuple[dict, str]:
-    """(state dict in VQGAN names, which entry) of a LlamaGen VQ file; auto = `model`, what its sampler decodes with."""
-    _check_choice(weights)
-    blob = load_official(path)
+def read_llamagen(blob: dict, path: str | Path, weights: str = "auto") -> tuple[dict, str]:
+    """(state dict in VQGAN names, which entry) of a LlamaGen VQ file's contents `blob` (read from `path`);
+    auto = `model`, what its sampler decodes with."""
     which = "ema" if weights == "ema" else "model"
     if not isinstance(blob.get(which), dict):
         raise ValueError(f"{path} has no {which!r} weights (weights={weights!r}); its entries: {sorted(map(str, blob))}")
@@ -84,10 +68,9 @@ def _ibq_ema(sd: dict, path) -> dict:
     return out
 
 
-def read_ibq(path: str | Path, weights: str = "auto") -> tuple[dict, str]:
-    """(state dict in VQGAN names, which) of a SEED-Voken IBQ Lightning checkpoint; auto = EMA where present."""
-    _check_choice(weights)
-    blob = load_official(path)
+def read_ibq(blob: dict, path: str | Path, weights: str = "auto") -> tuple[dict, str]:
+    """(state dict in VQGAN names, which) of a SEED-Voken IBQ Lightning checkpoint's contents `blob` (read from
+    `path`); auto = EMA where present."""
     sd = blob.get("state_dict")
     if not isinstance(sd, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint with a 'state_dict'; its entries: {sorted(map(str, blob))}")
@@ -106,4 +89,4 @@ def read_ibq(path: str | Path, weights: str = "auto") -> tuple[dict, str]:
     used = {"model_ema." + key.replace(".", "") for key in ema}
     extra = [k for k in sd if k.startswith("model_ema.") and k not in used and k not in IBQ_EMA_UNUSED
              and not k.startswith("model_ema.loss")]
-    return {**ema, **{f"model_ema.{k[len('model_ema.'):]}": sd[k] for k in extra}}, "ema"
+    return {**ema, **{k: sd[k] for k in extra}}, "ema"

@@ -1,4 +1,4 @@
-"""Tokenizer configuration: the MGVQ architecture dataclass, its presets, and `TokenizerRef` (which weights to load).
+"""MGVQ's configuration: the architecture dataclass and its presets.
 
 Field names follow the official MGVQ `MGVQConfig` (encoder/decoder `width_list`, `depth_list`, `block_type`,
 `norm`, `act`), so the `config` dict of an official-style run maps onto it directly. The presets here are the
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 from tokenizer.common.settings import known_fields, preset_fields
 
@@ -149,36 +148,3 @@ class MGVQConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class TokenizerRef:
-    """Which tokenizer to load: a weights file, its family and its architecture (the hydra `tokenizer` group).
-
-    `config` None means the architecture the file stores (this project's tokenizer files carry it); official
-    checkpoints store none, so their preset gives it (`tokenizer=mgvq-f16c32-g4`).
-    """
-
-    config: Any = None  # the architecture (or its dict): MGVQConfig (mgvq), VQGANConfig (llamagen_vq, ibq)
-    checkpoint: str | None = None  # the weights file
-    family: str = "mgvq"  # a name in tokenizer.families.FAMILIES
-    weights: str = "auto"  # official files: auto (what the official AR sampler decodes with) | ema | raw
-
-    def __post_init__(self):
-        from tokenizer.families import get_family  # families imports this module
-
-        family = get_family(self.family)  # names the families on a typo
-        if isinstance(self.config, dict):
-            self.config = family.config_cls.from_dict(self.config)
-
-    def require_checkpoint(self, why: str) -> str:
-        if not self.checkpoint:
-            raise ValueError(f"tokenizer.checkpoint is required: {why}")
-        return self.checkpoint
-
-    def load(self, map_location="cpu"):
-        """The tokenizer in eval mode with gradients off (see tokenizer.families.load_tokenizer)."""
-        from tokenizer.families import load_tokenizer
-
-        return load_tokenizer(self.require_checkpoint("the weights to load"), self.config, self.family,
-                              self.weights, map_location)

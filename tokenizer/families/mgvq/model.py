@@ -6,8 +6,9 @@ released checkpoints load strictly; the numbers match it to float32 rounding (te
 import torch
 import torch.nn as nn
 
-from tokenizer.config import BackboneConfig, MGVQConfig
-from tokenizer.layers import (
+from tokenizer.base import IMAGE_CHANNELS, VQTokenizer
+from tokenizer.families.mgvq.config import BackboneConfig, MGVQConfig
+from tokenizer.families.mgvq.layers import (
     ChannelAveragingDown,
     ChannelDuplicatingUp,
     ConvLayer,
@@ -19,16 +20,7 @@ from tokenizer.layers import (
     make_block,
     make_norm,
 )
-from tokenizer.quantizer import MultiGroupQuantizer, QuantizerOutput
-
-IMAGE_CHANNELS = 3
-
-
-def check_images(x: torch.Tensor, f: int) -> None:
-    """Raise unless x is (B, 3, H, W) with H and W multiples of the downsampling factor f."""
-    if x.ndim != 4 or x.shape[1] != IMAGE_CHANNELS or x.shape[-1] % f or x.shape[-2] % f:
-        raise ValueError(f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(x.shape)}")
-
+from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer, QuantizerOutput
 
 def stage_blocks(cfg: BackboneConfig, i: int) -> list[nn.Module]:
     return [make_block(cfg.block_type[i], cfg.width_list[i], cfg.norm[i], cfg.act[i]) for _ in range(cfg.depth_list[i])]
@@ -88,36 +80,7 @@ class Decoder(nn.Module):
         return self.project_out(x)
 
 
-class CodeTokenizer(nn.Module):
-    """The public surface every tokenizer family shares: encoder -> quant_conv -> quantize (nearest / lookup)
-    -> post_quant_conv -> decoder. Subclasses build those five modules and `config` (with `downsample`)."""
-
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> pre-quantization latent (B, C, H/f, W/f) (encoder + quant_conv)."""
-        check_images(x, self.downsample)
-        return self.quant_conv(self.encoder(x))
-
-    def decode(self, quant: torch.Tensor) -> torch.Tensor:
-        """Quantized latent (B, C, h, w) -> images (B, 3, h*f, w*f), unclamped."""
-        return self.decoder(self.post_quant_conv(quant))
-
-    @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f, G) int64."""
-        return self.quantize.nearest(self.encode(x))
-
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
-        """Codes (B, h, w, G) -> images (B, 3, h*f, w*f), unclamped. Groups >= groups_to_use contribute zeros."""
-        quant = self.quantize.lookup(codes.to(self.quant_conv.weight.device), groups_to_use)
-        return self.decode(quant.to(self.quant_conv.weight.dtype))
-
-
-class MGVQ(CodeTokenizer):
+class MGVQ(VQTokenizer):
     """MGVQ tokenizer. Images are float (B, 3, H, W) in [-1, 1]; codes are (B, h, w, G) group indices."""
 
     def __init__(self, config: MGVQConfig):
@@ -134,7 +97,3 @@ class MGVQ(CodeTokenizer):
         """Reconstruction and quantizer output (codes, straight-through latent, losses): the training path."""
         q = self.quantize(self.encode(x))
         return self.decode(q.z_q), q
-
-    def codebook(self) -> torch.Tensor:
-        """Raw (unnormalised) code rows (codebook_size, C/G): what the official GPT embeds."""
-        return self.quantize.embedding.weight.detach()

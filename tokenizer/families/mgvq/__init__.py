@@ -1,0 +1,1 @@
+"""MGVQ (DC-AE backbone, multi-group cosine quantizer): config, layers, quantizer, model."""
