@@ -1,4 +1,4 @@
-"""Tokenizers (images <-> codes) of every family (MGVQ, LlamaGen VQ, IBQ, Open-MAGVIT2), code extraction and the
+"""Tokenizers (images <-> codes) of every family (MGVQ, LlamaGen VQ, IBQ, Open-MAGVIT2, MergeVQ), code extraction and the
 code store.
 
 The names below are imported on first use (PEP 562), not with the package: `tokenizer.common` (files, settings,
@@ -16,6 +16,8 @@ _WHERE = {
     "VQGANConfig": "tokenizer.families.vqgan.model",
     "OpenMagvit2": "tokenizer.families.magvit2",
     "Magvit2Config": "tokenizer.families.magvit2",
+    "MergeVQ": "tokenizer.families.mergevq",
+    "MergeVQConfig": "tokenizer.families.mergevq",
     "CodeTokenizer": "tokenizer.base",
     "FAMILIES": "tokenizer.registry",
     "Family": "tokenizer.registry",

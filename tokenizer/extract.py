@@ -20,6 +20,7 @@ from tokenizer.common.io import sha256_file
 from tokenizer.common.precision import autocast_dtype, check_precision
 from tokenizer.data import ImageViews, files_fingerprint, list_images, num_views
 from tokenizer.loading import TokenizerRef
+from tokenizer.merged import unmerge
 from tokenizer.store import FORMAT_VERSION, CodeStore, StoreWriter, dtype_for
 
 
@@ -40,6 +41,7 @@ class ExtractConfig:
     batch_size: int = 32  # images per step and process; the encoder sees batch_size * num_views crops
     num_workers: int = 4
     precision: str = "fp32"  # fp32 | bf16 | fp16: encoder autocast on CUDA (codes can change where two are close); CPU runs fp32
+    merged: bool = False  # also keep the merged form (mergevq: K codes in merge order + token map per view)
 
 
 class BadImageError(RuntimeError):
@@ -57,6 +59,12 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
     if max(sizes) > 2**32:
         raise ValueError(f"tokenizer groups of {sizes} codes: at most 2**32 per group fit the store's uint32")
     tencrop = cfg.data.views.startswith("tencrop")
+    grid = [size // tok.downsample, size // tok.downsample]
+    merged = {}
+    if cfg.merged:
+        if not hasattr(tok, "merged_tokens"):
+            raise ValueError(f"merged=true: tokenizer family {cfg.tokenizer.family!r} has no merged form (mergevq has)")
+        merged = {"merged_tokens": tok.merged_tokens(grid)}
     return {
         "format_version": FORMAT_VERSION,
         "dtype": dtype_for(max(sizes)),  # uint32 where a group has more than 65536 codes (IBQ-262144)
@@ -71,12 +79,34 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
         "precision": precision,
         "groups": tok.codebook_groups,
         "codes_per_group": sizes[0] if len(set(sizes)) == 1 else sizes,  # one per group where they differ
-        "grid": [size // tok.downsample, size // tok.downsample],
+        "grid": grid,
         "num_images": len(files),
         "num_classes": len(classes),
         "class_names": classes,
         "files_fingerprint": files_fingerprint(cfg.data.root, files, labels),
+        **merged,  # absent unless asked for, so stores made before the merged form existed still resume
     }
+
+
+def encode_views(model, x: torch.Tensor, spec: dict, dtype) -> tuple[np.ndarray, tuple | None]:
+    """Views (B, A, 3, S, S) -> grid codes (B, A, h, w, G) in the store's dtype, and where the store keeps the merged
+    form (`merged_tokens`), (merged codes (B, A, K, G), token map (B, A, h, w) uint16)."""
+    B, A = x.shape[:2]
+    (h, w), G = spec["grid"], spec["groups"]
+    merged = None
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        if spec.get("merged_tokens"):
+            merged = model.encode_merged(x.flatten(0, 1))  # (B * A, K, G), (B * A, h, w)
+            codes = unmerge(*merged)
+        else:
+            codes = model.encode_codes(x.flatten(0, 1))  # (B * A, h, w, G)
+    if codes.shape != (B * A, h, w, G):
+        raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, G)}")
+    codes = codes.view(B, A, h, w, G).cpu().numpy().astype(spec["dtype"])
+    if merged is not None:
+        merged = (merged[0].view(B, A, -1, G).cpu().numpy().astype(spec["dtype"]),
+                  merged[1].view(B, A, h, w).cpu().numpy().astype(np.uint16))
+    return codes, merged
 
 
 def extract(cfg: ExtractConfig) -> dict:
@@ -119,18 +149,15 @@ def extract(cfg: ExtractConfig) -> dict:
                desc=f"extract x{world}" if world > 1 else "extract", disable=not accelerator.is_main_process)
     for index, x, _, errors in loader:
         B, A = x.shape[:2]
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            codes = model.encode_codes(x.flatten(0, 1).to(device, non_blocking=True))  # (B * A, h, w, G)
-        if codes.shape != (B * A, h, w, spec["groups"]):
-            raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, spec['groups'])}")
-        codes = codes.view(B, A, h, w, -1).cpu().numpy().astype(spec["dtype"])
+        codes, merged = encode_views(model, x.to(device, non_blocking=True), spec, dtype)
         index, bad = index.numpy(), np.array([bool(e) for e in errors])
         if bad.any() and not cfg.data.skip_bad:
-            writer.write(index[~bad], codes[~bad], bad[~bad])  # keep the readable images of this batch
+            writer.write(index[~bad], codes[~bad], bad[~bad],  # keep the readable images of this batch
+                         None if merged is None else (merged[0][~bad], merged[1][~bad]))
             message = next(e for e in errors if e)
             raise BadImageError(f"unreadable image {message}\nEverything extracted so far is kept: fix or remove "
                                 f"the file, or rerun with data.skip_bad=true to give it label -1")
-        writer.write(index, codes, bad)
+        writer.write(index, codes, bad, merged)
         bar.update(min(B * world, bar.total - bar.n))
     bar.close()
     writer.close()

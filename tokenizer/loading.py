@@ -14,6 +14,7 @@ from tokenizer.base import check_weights_choice
 from tokenizer.common.io import atomic_path, load_weights_file
 from tokenizer.common.settings import refuse_mismatch
 from tokenizer.families.magvit2 import Magvit2Config
+from tokenizer.families.mergevq import MergeVQConfig
 from tokenizer.families.mgvq.config import MGVQConfig
 from tokenizer.families.mgvq.official import is_state_dict
 from tokenizer.families.vqgan.model import PRESETS as VQGAN_PRESETS
@@ -148,6 +149,6 @@ class TokenizerRef:
 
 def named_refs() -> dict[str, TokenizerRef]:
     """Every family's presets as hydra `tokenizer` group nodes: TokenizerRef(config=arch, family=...)."""
-    archs = {**MGVQConfig.named_presets(), **Magvit2Config.named_presets(),
+    archs = {**MGVQConfig.named_presets(), **Magvit2Config.named_presets(), **MergeVQConfig.named_presets(),
              **{name: VQGANConfig.preset(name) for name in VQGAN_PRESETS}}
     return {name: TokenizerRef(config=arch, family=family_of(arch)) for name, arch in archs.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tokenizer.families import magvit2
+from tokenizer.families import magvit2, mergevq
 from tokenizer.families.mgvq import official as mgvq_official
 from tokenizer.families.mgvq.config import MGVQConfig
 from tokenizer.families.mgvq.model import MGVQ
@@ -40,6 +40,7 @@ FAMILIES: dict[str, Family] = {
     "open_magvit2": Family("open_magvit2", magvit2.Magvit2Config, magvit2.OpenMagvit2, magvit2.read_official),
     "llamagen_vq": Family("llamagen_vq", VQGANConfig, VQGAN, read_llamagen, _quantizer_is("cosine", "llamagen_vq")),
     "ibq": Family("ibq", VQGANConfig, VQGAN, read_ibq, _quantizer_is("dot", "ibq")),
+    "mergevq": Family("mergevq", mergevq.MergeVQConfig, mergevq.MergeVQ, mergevq.read_official),
 }
 
 

@@ -4,6 +4,9 @@ A complete store is a directory with
     codes.npy   uint16 (N, A, h, w, G)   view 0 = the plain center crop; uint32 when a group has > 65536 codes
     labels.npy  int64 (N,)               sorted ImageFolder class index; -1 for an image skipped as unreadable
     meta.json   the spec (how the codes were made) and `bad_files`
+and, when meta.json names `merged_tokens` K (MergeVQ's merged form, tokenizer.merged), also
+    merged_codes.npy  (N, A, K, G)  the codes of the merged tokens in merge order, the dtype of codes.npy
+    token_map.npy     uint16 (N, A, h, w)  which merged token covers each grid position
 While an extraction runs, `spec.json` and `done.npy` (one byte per image, set only after that image's codes
 are flushed) sit beside codes.npy and labels.npy; meta.json is written last, atomically, and only then are
 the two removed. So a directory holds a usable store exactly when it holds meta.json.
@@ -21,6 +24,7 @@ from tokenizer.common.io import read_json, write_json_atomic
 from tokenizer.common.settings import SettingsMismatchError, refuse_mismatch
 
 CODES, LABELS, META, SPEC, DONE = "codes.npy", "labels.npy", "meta.json", "spec.json", "done.npy"
+MERGED_CODES, TOKEN_MAP = "merged_codes.npy", "token_map.npy"
 FORMAT_VERSION = 1
 CODE_DTYPES = ("uint16", "uint32")
 REQUIRED_META = ("tokenizer", "tokenizer_sha256", "image_size", "views", "num_views", "groups", "codes_per_group",
@@ -70,6 +74,9 @@ class CodeStore:
         dtype = code_dtype(m)
         if self.codes.dtype != dtype or self.codes.shape != want:
             raise ValueError(f"{self.dir / CODES} is {self.codes.dtype} {self.codes.shape}, meta.json says {dtype} {want}")
+        self.merged_codes = self.token_map = None
+        if m.get("merged_tokens"):
+            self._open_merged()
         if self.labels.dtype != np.int64 or self.labels.shape != (m["num_images"],):
             raise ValueError(f"{self.dir / LABELS} is {self.labels.dtype} {self.labels.shape}, "
                              f"meta.json says int64 ({m['num_images']},)")
@@ -77,8 +84,27 @@ class CodeStore:
         h.update(self.labels.tobytes())
         self.fingerprint = h.hexdigest()  # content id: what made the codes and which images they are
 
+    def _open_merged(self) -> None:
+        m = self.meta
+        for name, attr, dtype, shape in merged_arrays(m):
+            try:
+                setattr(self, attr, np.load(self.dir / name, mmap_mode="r"))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"code store {self.dir}: meta.json names merged_tokens but {name} is unreadable: "
+                                 f"{e}") from e
+            got = getattr(self, attr)
+            if got.dtype != dtype or got.shape != shape:
+                raise ValueError(f"{self.dir / name} is {got.dtype} {got.shape}, meta.json says {dtype} {shape}")
+
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def merged_arrays(spec: dict) -> list[tuple[str, str, np.dtype, tuple]]:
+    """(file, attribute, dtype, shape) of the merged form's arrays of a spec with `merged_tokens`."""
+    n, a = spec["num_images"], spec["num_views"]
+    return [(MERGED_CODES, "merged_codes", code_dtype(spec), (n, a, spec["merged_tokens"], spec["groups"])),
+            (TOKEN_MAP, "token_map", np.dtype("uint16"), (n, a, *spec["grid"]))]
 
 
 class StoreWriter:
@@ -109,6 +135,8 @@ class StoreWriter:
         s = self.spec
         shape = (s["num_images"], s["num_views"], *s["grid"], s["groups"])
         open_memmap(self.dir / CODES, mode="w+", dtype=code_dtype(s), shape=shape).flush()
+        for name, _, dtype, merged_shape in merged_arrays(s) if s.get("merged_tokens") else ():
+            open_memmap(self.dir / name, mode="w+", dtype=dtype, shape=merged_shape).flush()
         out = open_memmap(self.dir / LABELS, mode="w+", dtype=np.int64, shape=(s["num_images"],))
         out[:] = labels
         out.flush()
@@ -120,12 +148,23 @@ class StoreWriter:
         self.codes = np.load(self.dir / CODES, mmap_mode="r+")
         self.labels = np.load(self.dir / LABELS, mmap_mode="r+")
         self.done = np.load(self.dir / DONE, mmap_mode="r+")
+        for name, attr, _, _ in merged_arrays(self.spec) if self.spec.get("merged_tokens") else ():
+            setattr(self, attr, np.load(self.dir / name, mmap_mode="r+"))
         return np.flatnonzero(self.done == 0)
 
-    def write(self, indices: np.ndarray, codes: np.ndarray, bad: np.ndarray) -> None:
-        """Codes (B, A, h, w, G) of images `indices`; `bad` (B,) bool marks unreadable ones (label -1, codes 0)."""
+    def write(self, indices: np.ndarray, codes: np.ndarray, bad: np.ndarray,
+              merged: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Codes (B, A, h, w, G) of images `indices`; `bad` (B,) bool marks unreadable ones (label -1, codes 0).
+        merged: (merged codes (B, A, K, G), token map (B, A, h, w)), which a store with merged_tokens requires."""
+        if (merged is None) != (not self.spec.get("merged_tokens")):
+            raise ValueError(f"{self.dir}: merged codes must be written exactly when the store keeps the merged form")
         self.codes[indices] = np.where(bad[:, None, None, None, None], 0, codes)
         self.codes.flush()
+        if merged is not None:
+            self.merged_codes[indices] = np.where(bad[:, None, None, None], 0, merged[0])
+            self.token_map[indices] = np.where(bad[:, None, None, None], 0, merged[1])
+            self.merged_codes.flush()
+            self.token_map.flush()
         if bad.any():
             self.labels[indices[bad]] = -1
             self.labels.flush()
@@ -152,5 +191,5 @@ class StoreWriter:
             (self.dir / name).unlink(missing_ok=True)
 
     def close(self) -> None:
-        for name in ("codes", "labels", "done"):
+        for name in ("codes", "labels", "done", "merged_codes", "token_map"):
             self.__dict__.pop(name, None)

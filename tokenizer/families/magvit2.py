@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,11 @@ RELEASED_FACTORIZED_BITS = [6, 12]
 
 @dataclass
 class Magvit2Config:
-    """Architecture of an Open-MAGVIT2 tokenizer; `factorized_bits` (summing to z_channels) splits each code."""
+    """Architecture of an Open-MAGVIT2 tokenizer; `factorized_bits` (summing to z_channels) splits each code.
+    (MergeVQ's config extends it: the same CNN widths and LFQ codes.)"""
+
+    PRESETS: ClassVar[dict] = PRESETS
+    NAME: ClassVar[str] = "Open-MAGVIT2"
 
     ch: int = 128
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
@@ -72,12 +77,12 @@ class Magvit2Config:
 
     @classmethod
     def preset(cls, name: str, **fields) -> Magvit2Config:
-        return cls(**{**preset_fields(PRESETS, name, "Open-MAGVIT2"), **fields})
+        return cls(**{**preset_fields(cls.PRESETS, name, cls.NAME), **fields})
 
     @classmethod
     def named_presets(cls) -> dict[str, Magvit2Config]:
         """The released ImageNet tokenizers under their hydra names, factorized as the released AR models read them."""
-        return {name: cls.preset(name) for name in PRESETS}
+        return {name: cls.preset(name) for name in cls.PRESETS}
 
     @classmethod
     def from_dict(cls, d: dict) -> Magvit2Config:
@@ -160,23 +165,44 @@ class Level(nn.Module):
         return x if self.resample_name is None else getattr(self, self.resample_name)(x)
 
 
+def down_levels(cfg: Magvit2Config) -> tuple[nn.ModuleList, int]:
+    """The encoder's levels from ch channels: num_res_blocks res blocks each, a stride-2 conv after all but the
+    last. Returns them and the output width."""
+    widths, down, c = [cfg.ch * m for m in cfg.ch_mult], nn.ModuleList(), cfg.ch
+    for i, w in enumerate(widths):
+        blocks = []
+        for _ in range(cfg.num_res_blocks):
+            blocks.append(ResBlock(c, w))
+            c = w
+        last = i == len(widths) - 1
+        down.append(Level(blocks, None if last else "downsample",
+                          None if last else nn.Conv2d(w, w, 3, stride=2, padding=1)))
+    return down, c
+
+
+def up_levels(cfg: Magvit2Config, num_blocks: list[int]) -> tuple[nn.ModuleList, nn.ModuleList, int]:
+    """The decoder's levels, built from the coarsest (index -1) to the finest (index 0), with num_blocks[i] res
+    blocks at level i, an upsampler after all but the finest, and each level's adaptive group norm. Returns
+    (levels, adaptive norms, output width)."""
+    widths = [cfg.ch * m for m in cfg.ch_mult]
+    up, adaptive, c = [], [], widths[-1]
+    for i in reversed(range(len(widths))):
+        adaptive.insert(0, AdaptiveGroupNorm(cfg.z_channels, c))
+        blocks = []
+        for _ in range(num_blocks[i]):
+            blocks.append(ResBlock(c, widths[i]))
+            c = widths[i]
+        up.insert(0, Level(blocks, "upsample" if i > 0 else None, Upsampler(c) if i > 0 else None))
+    return nn.ModuleList(up), nn.ModuleList(adaptive), c
+
+
 class Encoder(nn.Module):
     """Images (B, 3, H, W) -> latent (B, Z, H/f, W/f)."""
 
     def __init__(self, cfg: Magvit2Config):
         super().__init__()
-        n, widths = len(cfg.ch_mult), [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(IMAGE_CHANNELS, cfg.ch, 3, padding=1, bias=False)
-        self.down = nn.ModuleList()
-        c = cfg.ch
-        for i, w in enumerate(widths):
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, w))
-                c = w
-            last = i == n - 1
-            self.down.append(Level(blocks, None if last else "downsample",
-                                   None if last else nn.Conv2d(w, w, 3, stride=2, padding=1)))
+        self.down, c = down_levels(cfg)
         self.mid_block = nn.ModuleList(ResBlock(c, c) for _ in range(cfg.num_res_blocks))
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 1)
@@ -196,19 +222,10 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: Magvit2Config):
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        c = widths[-1]
+        c = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid_block = nn.ModuleList(ResBlock(c, c) for _ in range(cfg.num_res_blocks))
-        up, adaptive = [], []
-        for i in reversed(range(len(widths))):
-            adaptive.insert(0, AdaptiveGroupNorm(cfg.z_channels, c))
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, widths[i]))
-                c = widths[i]
-            up.insert(0, Level(blocks, "upsample" if i > 0 else None, Upsampler(c) if i > 0 else None))
-        self.up, self.adaptive = nn.ModuleList(up), nn.ModuleList(adaptive)
+        self.up, self.adaptive, c = up_levels(cfg, [cfg.num_res_blocks] * len(cfg.ch_mult))
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, IMAGE_CHANNELS, 3, padding=1)
 
@@ -219,6 +236,34 @@ class Decoder(nn.Module):
         for i in reversed(range(len(self.up))):
             x = self.up[i](self.adaptive[i](x, z))
         return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def _bit_tables(factorized_bits: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Z,) group of each latent channel, and its weight 2**(channel - the group's first channel)."""
+    group = torch.cat([torch.full((b,), g, device=device) for g, b in enumerate(factorized_bits)])
+    weight = torch.cat([2 ** torch.arange(b, device=device) for b in factorized_bits])
+    return group, weight
+
+
+def lfq_quantize(latent: torch.Tensor, factorized_bits: list[int]) -> torch.Tensor:
+    """Lookup-free quantization of a channels-last latent (..., Z) -> codes (..., G) int64: bit = latent > 0,
+    sub-token g = sum of its channels' bits * 2**(place in the group), the first channel least significant."""
+    group, weight = _bit_tables(factorized_bits, latent.device)
+    bits = (latent > 0).long()
+    codes = bits.new_zeros(*bits.shape[:-1], len(factorized_bits))
+    return codes.index_add_(-1, group, bits * weight)
+
+
+def lfq_grid_latent(codes: torch.Tensor, config: Magvit2Config, groups_to_use: int | None = None) -> torch.Tensor:
+    """Grid codes (B, h, w, G) -> latent (B, Z, h, w) of +-1 in float32; channels of groups >= groups_to_use are 0."""
+    G = config.codebook_groups
+    if codes.ndim != 4 or codes.shape[-1] != G:
+        raise ValueError(f"codes must be (B, h, w, {G}), got {tuple(codes.shape)}")
+    group, weight = _bit_tables(config.factorized_bits, codes.device)
+    quant = ((codes[..., group] // weight) % 2).float() * 2 - 1  # (B, h, w, Z)
+    if groups_to_use is not None:
+        quant = quant * (group < groups_to_use)
+    return quant.permute(0, 3, 1, 2).contiguous()
 
 
 class OpenMagvit2(CodeTokenizer):
@@ -239,31 +284,13 @@ class OpenMagvit2(CodeTokenizer):
         """Quantized latent (B, Z, h, w) of +-1 (or 0 for dropped groups) -> images, unclamped."""
         return self.decoder(quant)
 
-    def bit_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z,) group of each latent channel, and its weight 2**(channel - the group's first channel)."""
-        bits = self.config.factorized_bits
-        group = torch.cat([torch.full((b,), g, device=device) for g, b in enumerate(bits)])
-        weight = torch.cat([2 ** torch.arange(b, device=device) for b in bits])
-        return group, weight
-
     def codes_of(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent (B, Z, h, w) -> codes (B, h, w, G): bit = latent > 0, index = sum of bit * 2**(place in group)."""
-        group, weight = self.bit_tables(latent.device)
-        bits = (latent > 0).long().permute(0, 2, 3, 1)  # (B, h, w, Z)
-        codes = bits.new_zeros(*bits.shape[:-1], self.config.codebook_groups)
-        return codes.index_add_(-1, group, bits * weight)
+        """Latent (B, Z, h, w) -> codes (B, h, w, G) (lfq_quantize)."""
+        return lfq_quantize(latent.permute(0, 2, 3, 1), self.config.factorized_bits)
 
     def latent_of(self, codes: torch.Tensor, groups_to_use: int | None = None) -> torch.Tensor:
         """Codes (B, h, w, G) -> latent (B, Z, h, w) of +-1; channels of groups >= groups_to_use are 0."""
-        G = self.config.codebook_groups
-        if codes.ndim != 4 or codes.shape[-1] != G:
-            raise ValueError(f"codes must be (B, h, w, {G}), got {tuple(codes.shape)}")
-        group, weight = self.bit_tables(codes.device)
-        bits = (codes[..., group] // weight) % 2  # (B, h, w, Z)
-        quant = bits.float() * 2 - 1
-        if groups_to_use is not None:
-            quant = quant * (group < groups_to_use)
-        return quant.permute(0, 3, 1, 2).contiguous()
+        return lfq_grid_latent(codes, self.config, groups_to_use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the codes (no gradient: training goes through tokenizer/autoencoders.py)."""
@@ -298,11 +325,16 @@ def read_official(blob: dict, path: str | os.PathLike, weights: str = "auto") ->
     if not ema:
         raise ValueError(f"{path}: weights='ema' but the file has no model_ema.encoder*/decoder* entries "
                          f"(an AR checkpoint holds only the raw tokenizer weights)")
-    # EMA names are the parameter names without dots; the raw names give the dots back.
+    return ema_by_raw_names(raw, ema, path), "ema"
+
+
+def ema_by_raw_names(raw: dict, ema: dict, path) -> dict:
+    """Lightning LitEma weights (named like the parameters without their dots) under the raw weights' names; a
+    ValueError names the EMA entries that match no raw weight and the raw weights without EMA."""
     dotted = {k.replace(".", ""): k for k in raw}
     unknown = sorted(k for k in ema if k not in dotted)
     missing = sorted(k for flat, k in dotted.items() if flat not in ema)
     if unknown or missing:
         raise ValueError(f"{path}: EMA weights do not match the raw ones: unknown EMA entries {unknown[:10]}, "
                          f"parameters without EMA {missing[:10]}")
-    return {dotted[k]: v for k, v in ema.items()}, "ema"
+    return {dotted[k]: v for k, v in ema.items()}
