@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenizer.base import group_sizes
+from tokenizer.common.errors import ConfigError
 from tokenizer.common.settings import known_fields, preset_fields
 
 HEADS = ("parallel", "ar", "factorized")
@@ -215,7 +216,7 @@ class GPTConfig:
         if self.input_embedding == "codebook" and self.codebook_embed_dim is None:
             unset.append("codebook_embed_dim")
         if unset:
-            raise ValueError(f"GPTConfig fields {unset} are unset (None): set them or take them from the code store")
+            raise ConfigError(f"GPTConfig fields {unset} are unset (None): set them or take them from the code store")
         problems = []
         if self.head not in HEADS:
             problems.append(f"head={self.head!r} is not one of {HEADS}")
@@ -243,13 +244,13 @@ class GPTConfig:
         if self.dim % 2:
             problems.append(f"dim={self.dim} must be even (img_projector's hidden width is dim/2)")
         if problems:
-            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+            raise ConfigError("invalid GPTConfig: " + "; ".join(problems))
 
 
 def _drop_removed(d: dict, what: str) -> dict:
     """`d` without the REMOVED fields, each of which may only hold its one value."""
     for name, value in REMOVED.items():
         if name in d and d[name] != value:
-            raise ValueError(f"{what}: {name}={d[name]!r}, but only {value!r} is supported "
-                             f"(a class-conditional model has one class token)")
+            raise ConfigError(f"{what}: {name}={d[name]!r}, but only {value!r} is supported "
+                              f"(a class-conditional model has one class token)")
     return {k: v for k, v in d.items() if k not in REMOVED}

@@ -16,6 +16,7 @@ import torch
 
 from gpt.config import TRAINING_ONLY, GPTConfig
 from gpt.model import GPT
+from tokenizer.common.errors import BadFileError, ConfigError
 from tokenizer.common.io import load_weights_file
 from tokenizer.common.settings import differences
 
@@ -46,14 +47,14 @@ def from_official_mgvq_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig
             out["head.sos"] = value
         elif name == "pos_emb":
             if value.ndim != 3 or value.shape[1] < groups + 1:
-                raise ValueError(f"ar_head.pos_emb of shape {tuple(value.shape)} has fewer than G+1={groups + 1} rows")
+                raise BadFileError(f"ar_head.pos_emb of shape {tuple(value.shape)} has fewer than G+1={groups + 1} rows")
             out["head.pos_emb"] = value[:, :groups + 1].clone()  # rows beyond G+1 are never read
         else:
             out[f"head.{name}"] = value
     for i, parts in sorted(qkv.items()):
         missing = [f"ar_head.causal_space_blocks.{i}.attention.{p}.weight" for p in _QKV if p not in parts]
         if missing:
-            raise ValueError(f"official GPT state dict lacks {missing}")
+            raise BadFileError(f"official GPT state dict lacks {missing}")
         out[f"head.layers.{i}.attention.wqkv.weight"] = torch.cat([parts[p] for p in _QKV])
     return out
 
@@ -66,7 +67,7 @@ def from_open_magvit2_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig)
     tables = ["pre_emb.weight", "post_emb.weight"]  # sub-tokens 0 and 1
     missing = [k for k in tables if k not in sd]
     if missing or config.codebook_groups != 2:
-        raise ValueError(f"Open-MAGVIT2 state dict: expected two sub-token tables, missing {missing} "
+        raise BadFileError(f"Open-MAGVIT2 state dict: expected two sub-token tables, missing {missing} "
                          f"(codebook_groups={config.codebook_groups})")
     out = {"tok_embeddings.weight": torch.cat([sd.pop(k) for k in tables])}
     for key, value in sd.items():
@@ -86,7 +87,7 @@ def to_official_mgvq_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) 
     The padding is what official training leaves there: pos_emb starts at zero and unused rows get no gradient.
     """
     if config.head != "ar" or config.input_embedding != "codebook":
-        raise ValueError(f"the official MGVQ layout has an ar head and codebook input, not head={config.head!r} "
+        raise ConfigError(f"the official MGVQ layout has an ar head and codebook input, not head={config.head!r} "
                          f"with input_embedding={config.input_embedding!r}")
     dim, out = config.dim, {}
     for key, value in sd.items():
@@ -144,7 +145,7 @@ def from_ibq_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _read(path: Path) -> dict:
     blob = load_weights_file(path, "GPT model file")  # weights only (LlamaGen's pickled argparse args accepted)
     if not isinstance(blob, dict):
-        raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict of weights")
+        raise BadFileError(f"{path} holds a {type(blob).__name__}, not a dict of weights")
     return blob
 
 
@@ -159,10 +160,10 @@ def _official_weights(blob: dict, path: Path, config: GPTConfig | None) -> dict:
     elif "norm.weight" in sd:
         layout = "LlamaGen" if "output.weight" in sd else "MGVQ"
     else:
-        raise ValueError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
+        raise BadFileError(f"{path} is neither this project's GPT file ({{'model', 'config'}}) nor an official GPT "
                          f"checkpoint (weights under one of {OFFICIAL_WEIGHT_KEYS}); top-level keys: {list(blob)[:8]}")
     if config is None:
-        raise ValueError(f"{path} is in the official {layout} layout, which stores no config: pass one, e.g. "
+        raise ConfigError(f"{path} is in the official {layout} layout, which stores no config: pass one, e.g. "
                          f"GPTConfig.single_codebook('gpt_b' or 'ibq_ar_b', codes_per_group=16384) for LlamaGen/IBQ-AR, "
                          f"GPTConfig.from_open_magvit2({{...}}) (its yaml's transformer_config.params) for Open-MAGVIT2, "
                          f"GPTConfig.from_official_mgvq({{...}}) for MGVQ")
@@ -196,8 +197,8 @@ def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.
         if config is not None:
             differ = differences(_model_fields(stored), _model_fields(config))
             if differ:
-                raise ValueError(f"{path} was saved with a different GPT config (training-only fields aside): "
-                                 + "; ".join(differ))
+                raise ConfigError(f"{path} was saved with a different GPT config (training-only fields aside): "
+                                  + "; ".join(differ))
         config = config or stored
         sd = dict(blob["model"])
     else:
@@ -205,9 +206,9 @@ def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.
     if config.input_embedding == "codebook":
         if "codebook" in sd:
             if codebook is not None and not torch.equal(codebook.float().cpu(), sd["codebook"].float()):
-                raise ValueError(f"{path} stores a different tokenizer codebook than the one passed")
+                raise ConfigError(f"{path} stores a different tokenizer codebook than the one passed")
         elif codebook is None:
-            raise ValueError(f"{path} carries no tokenizer codebook: pass codebook= (the raw "
+            raise ConfigError(f"{path} carries no tokenizer codebook: pass codebook= (the raw "
                              f"quantize.embedding.weight of the tokenizer the model was trained on)")
         else:
             sd["codebook"] = codebook.detach().cpu()
@@ -216,6 +217,6 @@ def load_gpt(path: str | Path, config: GPTConfig | None = None, codebook: torch.
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not fit the GPT config {config}: {e}") from None
+        raise BadFileError(f"{path}: the weights do not fit the GPT config {config}: {e}") from None
     model.float().init_buffers()
     return model.eval()

@@ -21,6 +21,8 @@ from gpt.data import CodeDataset
 from gpt.loading import load_gpt
 from gpt.model import GPT
 from tokenizer.base import group_sizes
+from tokenizer.common import validate as v
+from tokenizer.common.errors import BadFileError, ConfigError, MissingFileError
 from tokenizer.common.io import atomic_path, sha256_file
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
 from tokenizer.common.settings import flatten
@@ -51,6 +53,18 @@ class TrainConfig(RunConfig):
     compile: bool = False
     init_from: str | None = None  # GPT weights to start from (this project's or the official MGVQ layout)
 
+    def check(self) -> None:
+        super().check()
+        v.non_empty(self.data.codes_dir, "data.codes_dir")
+        v.integer(self.data.num_workers, "data.num_workers", low=0)
+        v.integer(self.data.prefetch_factor, "data.prefetch_factor", low=1)
+        v.optional_integer(self.epochs, "epochs", low=1)
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("max_steps and epochs are both null: set one")
+        for name in ("class_dropout_prob", "token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p",
+                     "drop_path_rate"):
+            v.number(getattr(self.model, name), f"model.{name}", low=0, high=1, high_open=True)
+
 
 def cross_entropy_per_group(logits: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over positions and groups, and its per-group means (G,).
@@ -59,18 +73,20 @@ def cross_entropy_per_group(logits: torch.Tensor, codes: torch.Tensor) -> tuple[
     per-group means. The logits are cast to float32 here, whatever dtype they arrive in: the model returns float32,
     but accelerate's bf16 FSDP2 policy (output_dtype=bf16) casts the root module's output back to bf16, and the
     log-softmax, its backward and the mean would then run in bf16.
+    The loss is reduced by nll_loss's own mean, as `F.cross_entropy(logits, codes)` in LlamaGen's train_c2i.py: for
+    G = 1 it is the same float32 number bit for bit (a `.mean()` of per-token losses sums in another order).
     """
-    logits = logits.float()
-    ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view(codes.shape)  # (B, L, G)
-    per_group = ce.mean(dim=(0, 1))
-    return per_group.mean(), per_group
+    logp = F.log_softmax(logits.float().flatten(0, 2), dim=-1)  # (B * L * G, V), computed once
+    targets = codes.flatten()
+    per_group = F.nll_loss(logp.detach(), targets, reduction="none").view(codes.shape).mean(dim=(0, 1))  # (G,)
+    return F.nll_loss(logp, targets), per_group
 
 
 def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: int | None) -> GPTConfig:
     """Fill the model's data-dependent fields from the store's meta; refuse values that contradict it."""
     h, w = dataset.grid
     if h != w:
-        raise ValueError(f"{dataset.codes_dir}: the GPT needs a square code grid, the store holds {h}x{w}")
+        raise ConfigError(f"{dataset.codes_dir}: the GPT needs a square code grid, the store holds {h}x{w}")
     meta = dataset.meta
     per_group = meta["codes_per_group"]  # an int, or one per group (Open-MAGVIT2: [64, 4096])
     from_store = {
@@ -85,14 +101,14 @@ def resolve_model_config(model: GPTConfig, dataset: CodeDataset, codebook_dim: i
         if value is None or mine == value:
             continue
         if mine is not None:
-            raise ValueError(f"model.{name}={mine} contradicts the code store {dataset.codes_dir} ({name}={value}); "
+            raise ConfigError(f"model.{name}={mine} contradicts the code store {dataset.codes_dir} ({name}={value}); "
                              f"set it to null to take it from the store")
         resolved[name] = value
     num_classes = int(meta["num_classes"])
     if model.num_classes is None:
         resolved["num_classes"] = num_classes
     elif model.num_classes < num_classes:
-        raise ValueError(f"model.num_classes={model.num_classes} is smaller than the {num_classes} classes of "
+        raise ConfigError(f"model.num_classes={model.num_classes} is smaller than the {num_classes} classes of "
                          f"the code store {dataset.codes_dir}")
     return dataclasses.replace(model, **resolved)
 
@@ -107,23 +123,23 @@ def load_codebook(tokenizer: TokenizerRef, dataset: CodeDataset,
         return None, None
     path = Path(tokenizer.checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer.checkpoint {path} does not exist")
+        raise MissingFileError(f"tokenizer.checkpoint {path} does not exist")
     sha = sha256_file(path)
     want = dataset.meta["tokenizer_sha256"]
     if sha != want:
-        raise ValueError(f"tokenizer.checkpoint {path} (sha256 {sha[:16]}...) is not the tokenizer the codes in "
+        raise ConfigError(f"tokenizer.checkpoint {path} (sha256 {sha[:16]}...) is not the tokenizer the codes in "
                          f"{dataset.codes_dir} were extracted with (sha256 {want[:16]}...)")
     if not needed:
         return None, sha
     family = dataset.meta.get("family", "mgvq")  # stores written before families existed are MGVQ's
     if tokenizer.family != family:
-        raise ValueError(f"tokenizer.family={tokenizer.family!r}, but the codes in {dataset.codes_dir} were made by "
+        raise ConfigError(f"tokenizer.family={tokenizer.family!r}, but the codes in {dataset.codes_dir} were made by "
                          f"a {family!r} tokenizer")
     codebook = read_codebook(path, family, tokenizer.weights)  # (G*K, latent/G)
     arch = get_family(family).config_cls.from_dict(dataset.meta["tokenizer"])
     want_shape = (sum(group_sizes(arch)), arch.latent_channels // arch.codebook_groups)
     if tuple(codebook.shape) != want_shape:
-        raise ValueError(f"{path}: the codebook has shape {tuple(codebook.shape)}, the store's tokenizer "
+        raise BadFileError(f"{path}: the codebook has shape {tuple(codebook.shape)}, the store's tokenizer "
                          f"config implies {want_shape}")
     return codebook, sha
 
@@ -176,13 +192,11 @@ def train(cfg: TrainConfig) -> Path:
     # Data, the tokenizer codebook and the model config: every mismatch is refused before anything is built.
     dataset = CodeDataset(cfg.data.codes_dir, seed=cfg.seed, augment=cfg.data.augment)
     if cfg.model.input_embedding == "codebook" and cfg.tokenizer.checkpoint is None:
-        raise ValueError("model.input_embedding=codebook needs tokenizer.checkpoint (the codebook the GPT embeds)")
+        raise ConfigError("model.input_embedding=codebook needs tokenizer.checkpoint (the codebook the GPT embeds)")
     codebook, tokenizer_sha = load_codebook(cfg.tokenizer, dataset, needed=cfg.model.input_embedding == "codebook")
     model_cfg = resolve_model_config(cfg.model, dataset, None if codebook is None else codebook.shape[1] * dataset.groups)
     sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), cfg.global_batch_size, cfg.grad_accum,
                                  acc.process_index, acc.num_processes)
-    if cfg.max_steps is None and cfg.epochs is None:
-        raise ValueError("set max_steps or epochs")
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * sampler.steps_per_epoch
     identity = {"model": model_cfg.to_dict(), "store_fingerprint": dataset.fingerprint,
                 "tokenizer_sha256": tokenizer_sha, "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
@@ -190,7 +204,7 @@ def train(cfg: TrainConfig) -> Path:
     resuming = trainer.check_resume(identity) is not None
 
     model = build_model(cfg, model_cfg, codebook, resuming)
-    optimizer = make_optimizer(model, cfg, fused=acc.device.type == "cuda")
+    optimizer = make_optimizer(model, cfg, fused=trainer.fused_optimizer)
     model, optimizer, scheduler = trainer.prepare(model, optimizer, make_scheduler(optimizer, cfg, max_steps),
                                                   compile=cfg.compile)
     sampler.start_step = trainer.step
@@ -213,7 +227,7 @@ def train(cfg: TrainConfig) -> Path:
     del batches  # shuts down the loader's workers
 
     export = export_model(trainer, model, model_cfg, {**identity, "step": trainer.step})
-    acc.end_training()
+    trainer.end()
     return export
 
 

@@ -9,6 +9,7 @@ from torchvision.utils import make_grid
 
 from sampling import zoo
 from sampling.sampler import ModelFiles, Sampler, SamplerConfig, sample_seeds
+from tokenizer.common.errors import ConfigError
 from tokenizer.common.io import atomic_path
 
 
@@ -29,7 +30,7 @@ def demo(cfg: DemoConfig) -> Path:
     sampler = Sampler.from_files(cfg, cfg.sampler, device)
     labels = torch.tensor(cfg.class_ids)
     if (labels < 0).any() or (labels >= sampler.num_classes).any():
-        raise ValueError(f"class_ids={cfg.class_ids}: the model has classes 0..{sampler.num_classes - 1}")
+        raise ConfigError(f"class_ids={cfg.class_ids}: the model has classes 0..{sampler.num_classes - 1}")
     codes = sampler.codes(labels, sample_seeds(cfg.sampler.seed, torch.arange(len(labels))))  # (N, L, G)
     if cfg.coarse_to_fine:
         G = codes.shape[-1]

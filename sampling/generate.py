@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from sampling import decoding
+from tokenizer.common import validate
+from tokenizer.common.errors import ConfigError
 
 CFG_SCHEDULES = ("constant", "linear")
 _M32 = 0xFFFFFFFF
@@ -74,7 +76,7 @@ def cfg_scale_at(t: int, num_positions: int, cfg_scale: float, cfg_interval: flo
     t > cfg_interval + 1, exactly where LlamaGen's and MGVQ's loops do (their counter starts at position 1).
     """
     if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
+        raise ConfigError(f"cfg_schedule={cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
     if cfg_interval > -1 and t > cfg_interval + 1:
         return 1.0
     if cfg_schedule == "linear" and num_positions > 1:
@@ -153,27 +155,33 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
-def per_group(value, G: int, name: str) -> list:
-    """A scalar or a sequence of G values -> list of G values."""
-    if isinstance(value, (int, float)):
-        return [value] * G
-    value = list(value)
-    if len(value) != G:
-        raise ValueError(f"{name}={value}: expected a scalar or {G} values (one per group)")
-    return value
+def per_group(value, G: int, name: str, **bounds) -> list:
+    """A scalar or a sequence of G values -> list of G values, each a finite number within `bounds`
+    (tokenizer.common.validate.number); ConfigError naming `name` otherwise."""
+    values = validate.per_group(value, name, G, **bounds)
+    return values * G if len(values) == 1 else values
 
 
 def _check_settings(G: int, temperature, top_k, top_p, top_k_log2: bool) -> tuple[list, list, list]:
-    temps, ks, ps = per_group(temperature, G, "temperature"), per_group(top_k, G, "top_k"), per_group(top_p, G, "top_p")
-    if any(t <= 0 for t in temps):
-        raise ValueError(f"temperature={temperature}: must be > 0 (use top_k=1 for greedy decoding)")
-    if any(int(k) != k or k < 0 for k in ks):
-        raise ValueError(f"top_k={top_k}: expected non-negative integers")
-    if any(not 0.0 < p <= 1.0 for p in ps):
-        raise ValueError(f"top_p={top_p}: expected values in (0, 1]")
+    temps = per_group(temperature, G, "temperature", low=0, low_open=True)  # (use top_k=1 for greedy decoding)
+    ks = per_group(top_k, G, "top_k", low=0)
+    if any(int(k) != k for k in ks):
+        raise ConfigError(f"top_k={top_k}: expected non-negative integers")
+    ps = per_group(top_p, G, "top_p", low=0, high=1, low_open=True)
     # MGVQ's sampler reads --top-k as log2(k): 12 means 4096, 0 means 1 (greedy).
     ks = [2 ** int(k) if top_k_log2 else int(k) for k in ks]
     return temps, ks, ps
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Class labels must lie in [0, num_classes): label num_classes is the null class guidance mixes in, not a
+    class to sample."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ConfigError(f"labels must be integers, got {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
+        raise ConfigError(f"labels {bad} are outside the model's classes 0..{num_classes - 1} (label {num_classes} "
+                          f"is the null class of classifier-free guidance, not a class)")
 
 
 def position_step(model, inputs: torch.Tensor, t: int | torch.Tensor, draws: torch.Tensor, scales: torch.Tensor,
@@ -197,11 +205,10 @@ def position_step(model, inputs: torch.Tensor, t: int | torch.Tensor, draws: tor
     out, sub = [], None
     for g in range(G):
         logits = model.sub_logits(h, g, sub).float()  # (B or 2B, V_g)
-        nonfinite = nonfinite_rows(logits)
-        bad = bad | (nonfinite[:B] | nonfinite[B:] if guided else nonfinite)
         if guided:
             logits = cfg_mix(logits[:B], logits[B:], scale[g])
         logits = logits / temps[g]
+        bad = bad | nonfinite_rows(logits)  # what is sampled from: guidance and temperature can overflow
         threshold = filter_threshold(logits, ks[g], ps[g])
         u = draws[:, t * G + g:t * G + g + 1].reshape(B)
         out.append(sample_from_logits(logits, u, threshold))  # (B,)
@@ -268,12 +275,10 @@ def unguarded(compiled, args: tuple, kwargs: dict, also: dict | None = None) -> 
     return None
 
 
-def check_cfg_scale(cfg_scale: float | Sequence[float]) -> None:
-    """Raise unless every scale is >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's samplers, which apply
-    guidance only above 1."""
-    if min(cfg_scale if isinstance(cfg_scale, (list, tuple)) else [cfg_scale]) < 1.0:
-        raise ValueError(f"cfg_scale={cfg_scale}: expected >= 1 (1 = no guidance), as in LlamaGen's and MGVQ's "
-                         f"samplers, which apply guidance only above 1")
+def check_cfg_scale(cfg_scale: float | Sequence[float], name: str = "cfg_scale") -> None:
+    """ConfigError unless every scale is a finite number >= 1 (1 = no guidance, as in LlamaGen's and MGVQ's
+    samplers, which apply guidance only above 1)."""
+    validate.per_group(cfg_scale, name, low=1)
 
 
 def _scale_table(G: int, L: int, cfg_scale, cfg_interval: float, cfg_schedule: str) -> tuple[torch.Tensor, int]:
@@ -281,6 +286,7 @@ def _scale_table(G: int, L: int, cfg_scale, cfg_interval: float, cfg_schedule: s
     from n on only the conditional rows (guidance is off there)."""
     group_scales = per_group(cfg_scale, G, "cfg_scale")
     check_cfg_scale(cfg_scale)
+    validate.number(cfg_interval, "cfg_interval")
     scales = torch.tensor([[cfg_scale_at(t, L, scale, cfg_interval, cfg_schedule) for scale in group_scales]
                            for t in range(L)], dtype=torch.float32)
     if all(scale == 1.0 for scale in group_scales):
@@ -323,9 +329,10 @@ def generate(
     cfg = model.config
     G, L = cfg.codebook_groups, cfg.seq_len
     temps, ks, ps = _check_settings(G, temperature, top_k, top_p, top_k_log2)
+    check_labels(labels, cfg.num_classes)
     if sampled_groups is not None:
         if not 1 <= sampled_groups <= G:
-            raise ValueError(f"sampled_groups={sampled_groups}: expected 1..{G}")
+            raise ConfigError(f"sampled_groups={sampled_groups}: expected 1..{G}")
         ks = [k if g < sampled_groups else 1 for g, k in enumerate(ks)]
     B, device = labels.shape[0], labels.device
     if seeds is None:
@@ -339,7 +346,8 @@ def generate(
     codes, bad = _decode(model, labels, draws, scales, guided_until, (tuple(temps), tuple(ks), tuple(ps)), compile)
     if bad.any():
         raise FloatingPointError(f"non-finite (NaN or inf) logits while sampling rows {bad.nonzero().flatten().tolist()}"
-                                 f" of the batch: check the model's weights and the autocast precision")
+                                 f" of the batch (after guidance cfg_scale={cfg_scale} and temperature={temperature}): "
+                                 f"check the model's weights, the autocast precision and those settings")
     return codes
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import socket
-import struct
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
@@ -26,7 +25,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tokenizer.common.io import atomic_path, sha256_file, write_json_atomic
+from tokenizer.common.errors import BadFileError, ConfigError, MissingFileError
+from tokenizer.common.io import atomic_path, reading, sha256_file, write_json_atomic, zip_data_offset
 
 TORCH_FIDELITY_MIN = (0, 4, 0)
 
@@ -94,9 +94,9 @@ def _zip_info(path: Path, name: str) -> zipfile.ZipInfo:
         with zipfile.ZipFile(path) as zf:
             return zf.getinfo(name + ".npy")
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not an .npz file: {e}") from None
+        raise BadFileError(f"{path} is not an .npz file: {e}") from None
     except KeyError:
-        raise KeyError(f"{path} has no array {name!r}") from None
+        raise BadFileError(f"{path} has no array {name!r}") from None
 
 
 def _read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
@@ -121,18 +121,12 @@ def _npz_member(path: Path, name: str) -> np.ndarray:
                       f"(write it with np.savez, not np.savez_compressed, to stream it)", stacklevel=2)
         with np.load(path) as npz:
             return npz[name]
-    with open(path, "rb") as f:
-        # the member's data follows its local header: 30 fixed bytes, the file name, an extra field
-        f.seek(info.header_offset)
-        local = f.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ValueError(f"{path}: corrupt zip header for {name}")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
+    with open(path, "rb") as f, reading(path, "array file"):
+        f.seek(zip_data_offset(f, info))
         shape, fortran_order, dtype = _read_npy_header(f)
         offset = f.tell()
     if dtype.hasobject:
-        raise ValueError(f"{path}:{name} holds Python objects, not an image array")
+        raise BadFileError(f"{path}:{name} holds Python objects, not an image array")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
 
 
@@ -148,7 +142,7 @@ class NpzImages(Dataset):
         self.path, self.key = Path(path), key
         self._array = _npz_member(self.path, key)
         if self._array.dtype != np.uint8 or self._array.ndim != 4 or self._array.shape[-1] != 3:
-            raise ValueError(f"{path}:{key} must be uint8 (N,H,W,3) images, got {self._array.dtype} "
+            raise BadFileError(f"{path}:{key} must be uint8 (N,H,W,3) images, got {self._array.dtype} "
                              f"{tuple(self._array.shape)}")
 
     def __len__(self) -> int:
@@ -175,7 +169,7 @@ class FolderImages(Dataset):
         self.root = Path(root)
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+            raise MissingFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
         with Image.open(self.files[0]) as im:
             self.size = im.size
 
@@ -183,9 +177,9 @@ class FolderImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as im:
+        with reading(self.files[i], "image"), Image.open(self.files[i]) as im:
             if im.size != self.size:
-                raise ValueError(f"{self.files[i]} is {im.size[0]}x{im.size[1]} but {self.files[0]} is "
+                raise BadFileError(f"{self.files[i]} is {im.size[0]}x{im.size[1]} but {self.files[0]} is "
                                  f"{self.size[0]}x{self.size[1]}: resize the folder to one size first")
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
@@ -195,7 +189,7 @@ def open_images(path: str | os.PathLike) -> Dataset:
     if path.is_dir():
         return FolderImages(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such sample file or image folder: {path}")
+        raise MissingFileError(f"no such sample file or image folder: {path}")
     return NpzImages(path)
 
 
@@ -210,7 +204,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
         return None
     shape = npz_shape(path)
     if len(shape) != 4:
-        raise ValueError(f"{path}:arr_0 must be (N,H,W,3) images, got shape {shape}")
+        raise BadFileError(f"{path}:arr_0 must be (N,H,W,3) images, got shape {shape}")
     return shape[1], shape[2]
 
 
@@ -227,7 +221,7 @@ def check_resolution(samples: str | os.PathLike, reference: str | os.PathLike,
                       f"{samples_size[0]}x{samples_size[1]} cannot be checked against the reference's", stacklevel=2)
     elif samples_size != reference_size and not allow_mismatch:
         (h, w), (rh, rw) = samples_size, reference_size
-        raise ValueError(
+        raise ConfigError(
             f"the samples {samples} are {h}x{w} but the reference {reference} is {rh}x{rw}: scores at "
             f"another size are not comparable. Draw the samples with eval_size={rh} (the sampler's bicubic "
             f"resize, as MGVQ does for 256px numbers), or set allow_size_mismatch=true to score them anyway")
@@ -257,7 +251,7 @@ def resolve_inception_weights(path: str | None = None) -> Path:
         path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Inception weights not found at {path}. The evaluation needs torch-fidelity's "
             f"{INCEPTION_WEIGHTS_FILE} (from {INCEPTION_WEIGHTS_URL}); nothing is downloaded at run time. "
             f"Put the file at {Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_WEIGHTS_FILE}, or point "
@@ -324,11 +318,14 @@ def adm_stats(path: str | os.PathLike) -> dict[str, dict]:
     for metric, (mu_key, sigma_key) in STORED_STATS.items():
         if not {mu_key, sigma_key} <= members:
             continue
-        with np.load(path) as npz:
+        with reading(path, "reference statistics file"), np.load(path) as npz:
             mu, sigma = npz[mu_key], npz[sigma_key]
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise BadFileError(f"{path}: {mu_key}/{sigma_key} hold NaN or infinite values: the reference statistics "
+                               f"are damaged")
         d = FEATURE_DIMS[FRECHET_FEATURES[metric]]
         if mu.shape != (d,) or sigma.shape != (d, d):
-            raise ValueError(f"{path}: {mu_key}/{sigma_key} must be ({d},) and ({d}, {d}) statistics, "
+            raise BadFileError(f"{path}: {mu_key}/{sigma_key} must be ({d},) and ({d}, {d}) statistics, "
                              f"got {mu.shape} and {sigma.shape}")
         # torch-fidelity's own statistics are float32 means (of float32 features) and float64 covariances
         # (np.cov), and fid_statistics_to_metric insists both sides share those dtypes
@@ -379,7 +376,7 @@ def check_sizes(cfg: EvalConfig, num_samples: int, num_reference: int | None) ->
         if cfg.kid and n < cfg.kid_subset_size:
             problems.append(f"kid_subset_size={cfg.kid_subset_size} exceeds the {n} {name}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def compute_metrics(cfg: EvalConfig, feats: dict[str, torch.Tensor], ref: Reference | None) -> dict[str, float]:
@@ -409,6 +406,17 @@ def compute_metrics(cfg: EvalConfig, feats: dict[str, torch.Tensor], ref: Refere
 
 def _default_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mgvq-gpt" / "fidelity"
+
+
+def finite_metrics(metrics: dict[str, float], samples, reference) -> dict[str, float]:
+    """`metrics` when every value is finite; else an error naming the metrics and both inputs (a NaN is not
+    valid JSON, and a metrics file must never hold one)."""
+    bad = {k: m for k, m in metrics.items() if not np.isfinite(m)}
+    if bad:
+        raise BadFileError(f"{', '.join(f'{k}={m}' for k, m in bad.items())} scoring the samples {samples} against "
+                           f"the reference {reference}: one of them holds damaged (non-finite) data; nothing was "
+                           f"written")
+    return metrics
 
 
 class Evaluator:
@@ -479,15 +487,15 @@ class Evaluator:
         """Metrics of a sample file or folder against a reference, with every setting that produced them."""
         cfg = self.cfg
         if not (cfg.fid or cfg.sfid or cfg.isc or cfg.prc or cfg.kid):
-            raise ValueError("no metric requested: set at least one of fid, sfid, isc, prc, kid")
+            raise ConfigError("no metric requested: set at least one of fid, sfid, isc, prc, kid")
         images = open_images(samples)
         if not Path(reference).exists():
-            raise FileNotFoundError(f"no such reference file or image folder: {reference}")
+            raise MissingFileError(f"no such reference file or image folder: {reference}")
         stats = adm_stats(reference)
         unstored = [m for m in STORED_STATS if getattr(cfg, m) and m not in stats]
         need_ref_images = cfg.prc or cfg.kid or bool(unstored)
         if need_ref_images and not reference_has_images(reference):
-            raise ValueError(f"{reference} holds no images (arr_0) and not every statistic: precision, recall, KID "
+            raise ConfigError(f"{reference} holds no images (arr_0) and not every statistic: precision, recall, KID "
                              f"and {' and '.join(unstored) or 'FID'} without stored statistics need the reference "
                              f"images (set prc=false kid=false{''.join(f' {m}=false' for m in unstored)})")
         check_sizes(cfg, len(images), len(open_images(reference)) if need_ref_images else None)
@@ -505,7 +513,8 @@ class Evaluator:
             "inception_weights_sha256": self.weights_sha256, "feature_extractor": FEATURE_EXTRACTOR,
             "torch_fidelity": torch_fidelity.__version__, "device": str(self.device),
         }
-        result = {"metrics": compute_metrics(cfg, feats, ref), "settings": settings}
+        result = {"metrics": finite_metrics(compute_metrics(cfg, feats, ref), samples, reference),
+                  "settings": settings}
         sidecar = Path(samples).with_suffix(".json")  # how the samples were drawn (sampling.sampler writes it)
         if Path(samples).suffix == ".npz" and sidecar.is_file():
             result["sampling"] = json.loads(sidecar.read_text())

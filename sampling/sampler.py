@@ -32,8 +32,11 @@ from gpt import GPT, GPTConfig, load_gpt
 from sampling.generate import CFG_SCHEDULES, check_cfg_scale, generate
 from tokenizer import CodeTokenizer, TokenizerRef
 from tokenizer.base import group_sizes
-from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic
-from tokenizer.common.precision import autocast_dtype, check_precision
+from tokenizer.common import validate as v
+from tokenizer.common.errors import BadFileError, ConfigError
+from tokenizer.common.io import atomic_path, read_json, reading, sha256_file, write_json_atomic
+from tokenizer.common.lock import out_dir_lock
+from tokenizer.common.precision import autocast_dtype
 from tokenizer.common.settings import refuse_mismatch
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: no wall-clock time in the file, so equal runs give equal bytes
@@ -62,12 +65,28 @@ class SamplerConfig:
     compile: Optional[bool] = None
 
     def check(self) -> None:
-        check_precision(self.precision, ("fp32", "bf16"))
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule={self.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
-        check_cfg_scale(self.cfg_scale)
-        if not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed={self.seed}: expected 0 <= seed < 2**31")
+        """Every setting of the right type, finite and in range, before anything is loaded or written (ConfigError
+        naming it); the per-group lengths are checked against the model in `Sampler`."""
+        v.choice(self.precision, "sampler.precision", ("fp32", "bf16"))
+        v.choice(self.cfg_schedule, "sampler.cfg_schedule", CFG_SCHEDULES)
+        check_cfg_scale(self.cfg_scale, "sampler.cfg_scale")
+        v.number(self.cfg_interval, "sampler.cfg_interval", low=-1)
+        v.per_group(self.temperature, "sampler.temperature", low=0, low_open=True)  # greedy is top_k=1
+        for k in v.per_group(self.top_k, "sampler.top_k", low=0):
+            v.integer(k, "sampler.top_k", low=0)
+        v.per_group(self.top_p, "sampler.top_p", low=0, high=1, low_open=True)
+        v.optional_integer(self.groups_to_use, "sampler.groups_to_use", low=1)
+        v.optional_integer(self.eval_size, "sampler.eval_size", low=1)
+        v.integer(self.seed, "sampler.seed", low=0, high=2**31 - 1)
+        if not isinstance(self.top_k_log2, bool) or not isinstance(self.compile, (bool, type(None))):
+            raise ConfigError(f"sampler.top_k_log2={self.top_k_log2!r}, sampler.compile={self.compile!r}: "
+                              f"expected true or false")
+
+    def check_model(self, groups: int) -> None:
+        """The settings given per group have one value per group of a model with `groups` groups."""
+        for name in ("cfg_scale", "temperature", "top_k", "top_p"):
+            v.per_group(getattr(self, name), f"sampler.{name}", groups)
+        v.optional_integer(self.groups_to_use, "sampler.groups_to_use", low=1, high=groups)
 
 
 @dataclass
@@ -115,7 +134,7 @@ def load_models(files: ModelFiles, device: torch.device | str = "cpu") -> tuple[
     t = tokenizer.config
     gpt = load_gpt(files.gpt_ckpt, gpt_config(files, t), codebook=tokenizer.codebook())
     if gpt.config.group_sizes != group_sizes(t):
-        raise ValueError(f"{files.gpt_ckpt} samples groups of {gpt.config.group_sizes} codes but the tokenizer "
+        raise ConfigError(f"{files.gpt_ckpt} samples groups of {gpt.config.group_sizes} codes but the tokenizer "
                          f"{files.tokenizer.checkpoint} has groups of {group_sizes(t)}")
     return gpt.to(device), tokenizer.to(device)
 
@@ -141,7 +160,7 @@ def check_guidance(gpt: GPT, cfg_scale) -> None:
     never trained."""
     scales = [cfg_scale] if isinstance(cfg_scale, (int, float)) else list(cfg_scale)
     if any(s != 1 for s in scales) and gpt.config.class_dropout_prob == 0:
-        raise ValueError(
+        raise ConfigError(
             f"cfg_scale={cfg_scale} needs a GPT trained with class dropout, but this one has class_dropout_prob=0: "
             f"its null class (label {gpt.config.num_classes}) never replaced a label in training, so the "
             f"unconditional logits guidance mixes in come from an untrained embedding. Sample with cfg_scale=1, "
@@ -153,6 +172,7 @@ class Sampler:
 
     def __init__(self, gpt: GPT, tokenizer: CodeTokenizer, config: SamplerConfig, files: ModelFiles | None = None):
         config.check()
+        config.check_model(gpt.config.codebook_groups)
         check_guidance(gpt, config.cfg_scale)
         self.gpt, self.tokenizer, self.config, self.files = gpt.eval(), tokenizer.eval(), config, files
         self.device = next(gpt.parameters()).device
@@ -169,7 +189,8 @@ class Sampler:
     def codes(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """Codes (B, L, G) int64 for labels (B,) and seeds (B,)."""
         c, dtype = self.config, autocast_dtype(self.config.precision)
-        check_guidance(self.gpt, c.cfg_scale)  # again here: a sweep swaps `config` on a built sampler
+        c.check_model(self.gpt.config.codebook_groups)  # again here: a sweep swaps `config` on a built sampler
+        check_guidance(self.gpt, c.cfg_scale)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return generate(self.gpt, labels.to(self.device), cfg_scale=c.cfg_scale, cfg_interval=c.cfg_interval,
                             cfg_schedule=c.cfg_schedule, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
@@ -219,17 +240,24 @@ def png_path(png_dir: Path, i: int) -> Path:
     return png_dir / f"{i:06d}.png"
 
 
+def read_png(path: Path) -> np.ndarray:
+    """A sample PNG as uint8 (H, W, 3); a damaged one is named, with the way out."""
+    with reading(path, "sample image", hint="delete it and rerun the same command to draw it again"):
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+
+
 def write_npz(path: Path, png_dir: Path, num_samples: int, num_classes: int) -> None:
     """Pack PNGs 0..N-1 into an uncompressed .npz (arr_0, labels), streamed: 50k images never sit in RAM."""
-    first = np.asarray(Image.open(png_path(png_dir, 0)).convert("RGB"))
+    first = read_png(png_path(png_dir, 0))
     shape = (num_samples, *first.shape)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open(zipfile.ZipInfo("arr_0.npy", _ZIP_TIME), "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for i in tqdm(range(num_samples), desc=f"pack {path.name}", unit="img", dynamic_ncols=True):
-                image = np.asarray(Image.open(png_path(png_dir, i)).convert("RGB"))
+                image = read_png(png_path(png_dir, i))
                 if image.shape != first.shape:
-                    raise ValueError(f"{png_path(png_dir, i)} is {image.shape}, sample 0 is {first.shape}")
+                    raise BadFileError(f"{png_path(png_dir, i)} is {image.shape}, sample 0 is {first.shape}")
                 f.write(image.tobytes())
         with zf.open(zipfile.ZipInfo("labels.npy", _ZIP_TIME), "w", force_zip64=True) as f:
             np.lib.format.write_array(f, np.arange(num_samples, dtype=np.int64) % num_classes)
@@ -301,18 +329,34 @@ class SampleRunConfig(ModelFiles):
     num_samples: int = 50000  # sample i has label i mod num_classes
     batch_size: int = 32  # samples per batch and process (the GPT runs 2x that with CFG)
 
+    def check(self) -> None:
+        check_run(self)
+
+
+def check_run(cfg) -> None:
+    """The settings a sampling run (SampleRunConfig, SweepConfig) shares, checked before anything is written."""
+    v.non_empty(cfg.gpt_ckpt, "gpt_ckpt")
+    v.non_empty(cfg.tokenizer.checkpoint, "tokenizer.checkpoint")
+    v.non_empty(cfg.out_dir, "out_dir")
+    v.integer(cfg.num_samples, "num_samples", low=1)
+    v.integer(cfg.batch_size, "batch_size", low=1)
+    cfg.sampler.check()
+
 
 def run(cfg: SampleRunConfig, sidecar: dict | None = None) -> Path:
     """Draw cfg.num_samples on every process accelerate gives us; returns the .npz path. `sidecar`: entries the
     sample file's JSON sidecar also records."""
     from accelerate import Accelerator  # heavy: only the script entry point needs it
 
+    cfg.check()
     accelerator = Accelerator()
-    sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
-    s = cfg.sampler
-    accelerator.print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), "
-                      f"{accelerator.device}: {cfg.gpt_ckpt}, cfg_scale {s.cfg_scale}, top_k {s.top_k}, top_p {s.top_p}, "
-                      f"temperature {s.temperature}")
-    path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator, sidecar=sidecar)
+    with out_dir_lock(cfg.out_dir, accelerator):
+        sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
+        s = cfg.sampler
+        accelerator.print(f"sampling {cfg.num_samples} images on {accelerator.num_processes} process(es), "
+                          f"{accelerator.device}: {cfg.gpt_ckpt}, cfg_scale {s.cfg_scale}, top_k {s.top_k}, "
+                          f"top_p {s.top_p}, temperature {s.temperature}")
+        path = write_samples(sampler, cfg.num_samples, cfg.out_dir, cfg.batch_size, accelerator,
+                             sidecar=sidecar)
     accelerator.print(f"wrote {path} ({cfg.num_samples} images) and {path.with_suffix('.json')}")
     return path

@@ -18,8 +18,11 @@ from pathlib import Path
 
 from sampling import zoo
 from sampling.metrics import EvalConfig, Evaluator, metrics_path, resolve_inception_weights
-from sampling.sampler import ModelFiles, Sampler, SamplerConfig, write_samples
+from sampling.sampler import ModelFiles, Sampler, SamplerConfig, check_run, write_samples
+from tokenizer.common import validate as v
+from tokenizer.common.errors import ConfigError
 from tokenizer.common.io import atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
+from tokenizer.common.lock import out_dir_lock
 from tokenizer.common.settings import refuse_mismatch
 
 COLUMNS = ["cfg_scale", "top_k", "fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kid",
@@ -36,6 +39,17 @@ class SweepConfig(ModelFiles):
     num_samples: int = 5000  # K images per setting; sample i has label i mod num_classes and seed (seed, i)
     batch_size: int = 32  # samples per batch and process
     keep_png: bool = False  # keep each setting's PNGs once it is scored (the .npz holds the same pixels)
+
+    def check(self) -> None:
+        """Every setting, before anything is loaded or written (the swept values as the sampler's own)."""
+        check_run(self)
+        if not self.cfg_scales:
+            raise ConfigError("cfg_scales=[]: give at least one guidance scale")
+        for i, scale in enumerate(self.cfg_scales):
+            v.number(scale, f"cfg_scales[{i}]", low=1)
+        for i, k in enumerate(self.top_ks):
+            v.integer(k, f"top_ks[{i}]", low=0)
+        v.non_empty(self.evaluate.reference, "evaluate.reference")
 
 
 def point_name(cfg_scale: float, top_k: int) -> str:
@@ -136,10 +150,18 @@ def run(cfg: SweepConfig) -> list[dict]:
     """The sweep with the sampler `cfg` describes, on every process accelerate gives us."""
     from accelerate import Accelerator  # heavy: only the script entry point needs it
 
+    cfg.check()
     entry = zoo.get(cfg.zoo) if cfg.zoo else None
     if entry is not None:
         zoo.check_files(entry, cfg)  # before anything is sampled
     accelerator = Accelerator()
+    with out_dir_lock(cfg.out_dir, accelerator):
+        return sweep(cfg, *sweep_inputs(cfg, accelerator), accelerator,
+                     zoo.plot_mark(entry) if entry is not None else None)
+
+
+def sweep_inputs(cfg: SweepConfig, accelerator) -> tuple[Callable[[float, int, Path], Path], dict]:
+    """`sweep`'s draw function (a Sampler of `cfg`'s models) and identity."""
     sampler = Sampler.from_files(cfg, cfg.sampler, accelerator.device)
 
     def draw(cfg_scale: float, top_k: int, point: Path) -> Path:
@@ -156,8 +178,7 @@ def run(cfg: SweepConfig) -> list[dict]:
                if k not in ("samples", "out", "inception_weights", "cache_root", "device", "batch_size",
                             "num_workers", "progress")}
     scoring["inception_weights_sha256"] = sha256_file(resolve_inception_weights(cfg.evaluate.inception_weights))
-    identity = {"sampling": sampling, "num_samples": cfg.num_samples, "evaluate": scoring}
-    return sweep(cfg, draw, identity, accelerator, zoo.plot_mark(entry) if entry is not None else None)
+    return draw, {"sampling": sampling, "num_samples": cfg.num_samples, "evaluate": scoring}
 
 
 def report(rows: list[dict]) -> None:

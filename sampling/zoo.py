@@ -24,8 +24,9 @@ from gpt.loading import read_official_weights
 from sampling.generate import per_group
 from sampling import sampler as sample_files
 from sampling.sampler import ModelFiles, SampleRunConfig, SamplerConfig, check_guidance, gpt_config
+from tokenizer.common.errors import BadFileError, ConfigError, MissingFileError
 from tokenizer.common.settings import flatten, json_ready
-from tokenizer.loading import TokenizerRef, check_state_dict, named_refs, read_weights
+from tokenizer.loading import TokenizerRef, check_state_dict, named_refs, read_file, read_weights
 from tokenizer.registry import get_family
 
 # Where the facts were read (the `fetch` snapshots; paths below are inside these repositories).
@@ -220,7 +221,7 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
 
 def get(name: str) -> ZooEntry:
     if name not in ZOO:
-        raise ValueError(f"unknown zoo model {name!r}; the released models are: {', '.join(ZOO)}")
+        raise ConfigError(f"unknown zoo model {name!r}; the released models are: {', '.join(ZOO)}")
     return ZOO[name]
 
 
@@ -288,7 +289,7 @@ def _weights_bytes(module: torch.nn.Module) -> int:
 
 def _require(path: Path, entry: ZooEntry, page: str) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"zoo model {entry.name!r} needs {path.name} in {path.parent}, which does not exist; "
+        raise MissingFileError(f"zoo model {entry.name!r} needs {path.name} in {path.parent}, which does not exist; "
                                 f"it is published at {page} (nothing is downloaded: fetch it yourself)")
 
 
@@ -306,13 +307,13 @@ def check_files(entry: ZooEntry, files: ModelFiles) -> None:
         size = path.stat().st_size
         if size < least:
             page = entry.gpt_page if path == gpt_path else entry.tokenizer_page
-            raise ValueError(f"{path} is {size:,} bytes, but the weights of zoo model {entry.name!r} need at least "
+            raise BadFileError(f"{path} is {size:,} bytes, but the weights of zoo model {entry.name!r} need at least "
                              f"{least:,} (2 bytes each): a partial download, a git-lfs pointer or another model's "
                              f"file? Fetch it from {page}")
     weights = read_official_weights(gpt_path, gpt.config)
     if gpt.config.input_embedding == "codebook":  # the official GPT takes the codebook from the tokenizer
         weights.setdefault("codebook", gpt.codebook)
-    _, tok_weights, which = read_weights(tok_path, files.tokenizer.family, files.tokenizer.weights)
+    _, tok_weights, which = read_weights(read_file(tok_path), tok_path, files.tokenizer.family, files.tokenizer.weights)
     problems = []
     for module, sd, what in ((gpt, weights, f"{gpt_path} (GPT of zoo model {entry.name!r})"),
                              (tokenizer, tok_weights, f"{tok_path} ({which!r} tokenizer weights of {entry.name!r})")):
@@ -321,7 +322,7 @@ def check_files(entry: ZooEntry, files: ModelFiles) -> None:
         except RuntimeError as e:
             problems.append(str(e).replace("the tokenizer architecture", "the entry's architecture"))
     if problems:
-        raise ValueError("\n".join(problems))
+        raise BadFileError("\n".join(problems))
 
 
 def available(ckpt_dir: str | os.PathLike) -> list[str]:

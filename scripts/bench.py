@@ -98,7 +98,7 @@ def bench_train(args: argparse.Namespace) -> None:
     codebook = torch.randn(args.groups * args.codes_per_group, 32 // args.groups)
     model = GPT(config, codebook=codebook).to(device).train()
     optimizer = make_optimizer(model, TrainConfig(data=None, model=config, tokenizer=None, out_dir=""),
-                               fused=device.type == "cuda")  # LlamaGen's recipe: the TrainConfig defaults
+                               fused=device.type in ("cuda", "cpu"))  # LlamaGen's recipe: the TrainConfig defaults
     step_fn = torch.compile(model) if args.compile else model
     L = args.grid * args.grid
     codes = torch.randint(args.codes_per_group, (args.batch_size, L, args.groups), device=device)

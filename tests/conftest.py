@@ -1,4 +1,9 @@
 """Shared fixtures: where the golden vectors live, and a repo-root path for launching scripts."""
+import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +122,39 @@ def family_fixture(fixture_name: str, family: str, name: str):
 def official_weights():
     """randomised(official_keys, seed): rebuild a golden fixture's official state dict."""
     return randomised
+
+
+def _wait_for_lock(out_dir: Path, proc: subprocess.Popen, timeout: float = 240) -> dict:
+    """The holder a launched run recorded in its out_dir's lock file, once it has (it then holds the out_dir)."""
+    path, deadline = out_dir / ".run.lock", time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = path.read_text() if path.is_file() else ""
+        if text.strip():
+            return json.loads(text)
+        time.sleep(0.05)
+    raise AssertionError(f"no lock recorded in {path} (exit code {proc.poll()})")
+
+
+def _second_run_refused(cmd: list[str], out_dir: Path, cwd: Path, env: dict) -> None:
+    """Launch `cmd`; once it holds out_dir, pause it (so it holds it whatever this machine's speed) and run `cmd`
+    again: the second run must be refused at once, naming the first (pid, script); then let the first finish,
+    which it must do successfully and without a lock file left."""
+    first = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        holder = _wait_for_lock(out_dir, first)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert holder["pid"] == first.pid
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"is in use by another run (pid {first.pid} on " in second.stderr
+    assert Path(cmd[1]).name in second.stderr  # the holder's command
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    assert not (out_dir / ".run.lock").exists()
+
+
+@pytest.fixture(scope="session")
+def second_run_refused():
+    """second_run_refused(cmd, out_dir, cwd, env): two concurrent runs of `cmd` into out_dir (conftest)."""
+    return _second_run_refused

@@ -34,6 +34,7 @@ from sampling.metrics import (
     check_sizes,
     check_torch_fidelity,
     compute_metrics,
+    finite_metrics,
     inception_score,
     metrics_path,
     npz_shape,
@@ -510,3 +511,21 @@ def test_sweep_legend_calls_top_k_0_no_top_k_only_without_log2():
     assert sweep_module.top_k_label(4096, top_k_log2=False) == "top-k 4096"
     assert sweep_module.top_k_label(0, top_k_log2=True) == "top-k 2^0"  # k = 1: greedy, not "no top-k"
     assert sweep_module.top_k_label(12, top_k_log2=True) == "top-k 2^12"
+
+
+def test_non_finite_reference_statistics_or_metrics_are_refused_and_nothing_is_written(
+        image_sets, inception_weights, cache_root, tmp_path):
+    """A reference whose stored mu holds a NaN used to write "fid": NaN (not valid JSON) into the metrics file."""
+    d = 2048
+    mu = np.zeros(d)
+    mu[5] = np.nan
+    np.savez(tmp_path / "adm_ref.npz", mu=mu, sigma=np.eye(d))
+    out = tmp_path / "metrics.json"
+    cfg = _cfg(image_sets, inception_weights, cache_root, reference=str(tmp_path / "adm_ref.npz"), sfid=False,
+               isc=False, prc=False, out=str(out))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'adm_ref.npz'}: mu/sigma hold NaN or infinite values"):
+        run(cfg)
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"fid=nan scoring the samples s.npz against the reference r.npz"):
+        finite_metrics({"fid": float("nan"), "inception_score": 3.0}, "s.npz", "r.npz")
+    assert finite_metrics({"fid": 1.5}, "s.npz", "r.npz") == {"fid": 1.5}

@@ -76,15 +76,15 @@ def test_official_layout_errors(golden, tmp_path, tiny_official):
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_gpt(tmp_path / "nothing.pt", config, codebook)
     missing = official_file(golden, tmp_path, lambda s: s.pop("layers.1.feed_forward.w2.weight"))
-    with pytest.raises(ValueError, match=r"Missing key.*layers\.1\.feed_forward\.w2\.weight"):
+    with pytest.raises(ValueError, match=r"layers\.1\.feed_forward\.w2\.weight"):
         load_gpt(missing, config, codebook)
     extra = official_file(golden, tmp_path, lambda s: s.update({"tok_embeddings.weight": torch.zeros(3, 64)}))
-    with pytest.raises(ValueError, match=r"Unexpected key.*tok_embeddings\.weight"):
+    with pytest.raises(ValueError, match=r"tok_embeddings\.weight"):
         load_gpt(extra, config, codebook)
     no_query = official_file(golden, tmp_path, lambda s: s.pop("ar_head.causal_space_blocks.0.attention.query.weight"))
     with pytest.raises(ValueError, match=r"causal_space_blocks\.0\.attention\.query\.weight"):
         load_gpt(no_query, config, codebook)
-    with pytest.raises(ValueError, match="size mismatch"):  # a config that does not fit the weights
+    with pytest.raises(ValueError, match="do not fit the GPT config"):  # a config that does not fit the weights
         load_gpt(path, dataclasses.replace(config, codes_per_group=32), codebook[:128])
     with pytest.raises(ValueError, match="official GPT checkpoint"):
         torch.save({"optimizer": {}}, tmp_path / "other.pt")

@@ -70,7 +70,7 @@ def test_ibq_ar_file_matches_official(tmp_path, ibq, official_weights):
     codes, labels = ibq["codes"][..., None], ibq["labels"]
     assert close(model(codes, labels)[..., 0, :], ibq["logits"]) < RTOL
     assert close(cached_logits(model, codes, labels), ibq["cached_logits"]) < RTOL
-    with pytest.raises(ValueError, match="Unexpected key.*norm_ada_lin.1.bias"):
+    with pytest.raises(ValueError, match=r"norm_ada_lin\.1\.bias"):
         load_gpt(tmp_path / "AR_256_B.ckpt", tiny(ibq, adaln=False))
 
 

@@ -119,21 +119,28 @@ def test_compiled_sampler_writes_the_same_bytes_and_compiles_once(sampler, refer
     torch._dynamo.reset()
 
 
-def test_cli_two_ranks_killed_then_resumed_equals_one_process(golden, repo, reference, tmp_path):
-    out = tmp_path / "ddp"
+def cli_args(golden, repo, out) -> list[str]:
+    """scripts/sample_c2i_ddp.py and its arguments for the golden GPT and tokenizer with SETTINGS."""
     tok = torch.load(golden / "tokenizer_tiny_expected.pt", weights_only=True)["config"]
     official = "{" + ", ".join(f"{k}: {v}" for k, v in OFFICIAL.items()) + "}"
+    return [str(repo / "scripts" / "sample_c2i_ddp.py"),
+            f"gpt_ckpt={golden / 'gpt_tiny.pt'}", f"gpt_official={official}", "tokenizer=mgvq-f8c32-g4",
+            f"tokenizer.checkpoint={golden / 'tokenizer_tiny.pt'}", f"tokenizer.config.codebook_size={tok['codebook_size']}",
+            f"tokenizer.config.encoder.width_list={tok['encoder']['width_list']}",
+            f"tokenizer.config.encoder.depth_list={tok['encoder']['depth_list']}",
+            f"tokenizer.config.decoder.width_list={tok['decoder']['width_list']}",
+            f"tokenizer.config.decoder.depth_list={tok['decoder']['depth_list']}",
+            f"out_dir={out}", f"num_samples={N}", "batch_size=2",
+            *(f"sampler.{k}={v}" for k, v in SETTINGS.items())]
+
+
+def test_cli_two_ranks_killed_then_resumed_equals_one_process(golden, repo, reference, tmp_path):
+    """Also: the rerun's rank 0 takes the out_dir's lock (over the killed run's, if it is left), and the other rank
+    waits for the outcome without a deadlock."""
+    out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(repo / "scripts" / "sample_c2i_ddp.py"),
-           f"gpt_ckpt={golden / 'gpt_tiny.pt'}", f"gpt_official={official}", "tokenizer=mgvq-f8c32-g4",
-           f"tokenizer.checkpoint={golden / 'tokenizer_tiny.pt'}", f"tokenizer.config.codebook_size={tok['codebook_size']}",
-           f"tokenizer.config.encoder.width_list={tok['encoder']['width_list']}",
-           f"tokenizer.config.encoder.depth_list={tok['encoder']['depth_list']}",
-           f"tokenizer.config.decoder.width_list={tok['decoder']['width_list']}",
-           f"tokenizer.config.decoder.depth_list={tok['decoder']['depth_list']}",
-           f"out_dir={out}", f"num_samples={N}", "batch_size=2",
-           *(f"sampler.{k}={v}" for k, v in SETTINGS.items())]
+           *cli_args(golden, repo, out)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
     # First run: killed (the whole process group, as a scheduler would) once some PNGs exist.
@@ -149,7 +156,21 @@ def test_cli_two_ranks_killed_then_resumed_equals_one_process(golden, repo, refe
 
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
+    # a lock the killed ranks left (they may also have released it, if the launcher's death reached them as a
+    # signal they could unwind from) is taken over by rank 0 alone
+    assert result.stderr.count("took over the lock of a run that ended without releasing it") <= 1
     assert json.loads((out / "samples.json").read_text())["run"]["num_processes"] == 2  # two ranks really ran
+    assert (out / "samples.npz").read_bytes() == reference
+    assert not (out / ".run.lock").exists()
+
+
+def test_cli_a_second_run_into_the_same_out_dir_is_refused_and_the_first_finishes_as_alone(golden, repo, reference,
+                                                                                           tmp_path, second_run_refused):
+    """Two sample_c2i_ddp.py runs into one out_dir: the second is refused naming the first; the first, paused
+    meanwhile, then writes the bytes of a run alone (before, each redid all the work and deleted the other's
+    temporary PNGs)."""
+    out = tmp_path / "out"
+    second_run_refused([sys.executable, *cli_args(golden, repo, out)], out, repo, {**os.environ, "OMP_NUM_THREADS": "1"})
     assert (out / "samples.npz").read_bytes() == reference
 
 

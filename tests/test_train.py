@@ -329,3 +329,26 @@ def test_two_processes_learn_and_match_one_process(tmp_path, store, golden, repo
     a = load_file(tmp_path / "one/checkpoints/step_0000050/model.safetensors")
     b = load_file(tmp_path / "two/checkpoints/step_0000050/model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_and_the_first_finishes_as_alone(tmp_path, store, golden,
+                                                                                      repo, second_run_refused):
+    """Two train_gpt.py runs into one out_dir: the second is refused naming the first (its pid and command); the
+    first, paused meanwhile, then ends with the log and weights of a run alone (before, both wrote the same
+    .tmp_step_* directory and log.jsonl)."""
+    overrides = [f"data.codes_dir={store}", f"tokenizer.checkpoint={golden / 'tokenizer_tiny.pt'}", "model=tiny",
+                 "model.dim=32", "model.n_layer=2", "model.n_head=2", "max_steps=6", "global_batch_size=8",
+                 "lr=3e-3", "precision=fp32", "log_every=2", "ckpt_every=2", "data.num_workers=0", "seed=1"]
+    cmd = [sys.executable, str(repo / "scripts/train_gpt.py"), f"out_dir={tmp_path / 'run'}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    second_run_refused(cmd, tmp_path / "run", repo, env)
+
+    alone = subprocess.run([*cmd[:2], f"out_dir={tmp_path / 'alone'}", *overrides], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    timing = ("steps_per_s", "tokens_per_s")
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+             for line in (tmp_path / name / "log.jsonl").read_text().splitlines()] for name in ("run", "alone")]
+    assert [r["step"] for r in logs[0]] == [2, 4, 6] and logs[0] == logs[1]
+    a, b = (load_file(tmp_path / name / "checkpoints/step_0000006/model.safetensors") for name in ("run", "alone"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

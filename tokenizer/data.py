@@ -22,21 +22,22 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from tokenizer.common import validate as v
+from tokenizer.common.errors import MissingFileError
+
 NUM_VIEWS = {"plain": 1, "flip": 2, "tencrop": 10, "tencrop_flip": 20}
 
 
 def num_views(views: str) -> int:
-    """The number of views of the `data.views` setting `views`, or a ValueError naming the settings there are."""
-    if views not in NUM_VIEWS:
-        raise ValueError(f"data.views={views!r}: expected one of {sorted(NUM_VIEWS)}")
-    return NUM_VIEWS[views]
+    """The number of views of the `data.views` setting `views`, or a ConfigError naming the settings there are."""
+    return NUM_VIEWS[v.choice(views, "data.views", sorted(NUM_VIEWS))]
 
 
 def list_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     """(relative file paths, labels, class names) in torchvision ImageFolder order, extensions included."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} is not a directory")
+        raise MissingFileError(f"data.root {root} is not a directory")
     classes, class_to_idx = find_classes(root)
     samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     files = [Path(path).relative_to(root).as_posix() for path, _ in samples]

@@ -16,8 +16,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from tokenizer.base import group_sizes
+from tokenizer.common import validate as v
+from tokenizer.common.errors import ConfigError, MissingFileError, UserError
 from tokenizer.common.io import sha256_file
-from tokenizer.common.precision import autocast_dtype, check_precision
+from tokenizer.common.lock import out_dir_lock
+from tokenizer.common.precision import PRECISIONS, autocast_dtype, check_precision
 from tokenizer.data import ImageViews, files_fingerprint, list_images, num_views
 from tokenizer.loading import TokenizerRef
 from tokenizer.merged import unmerge
@@ -40,11 +43,39 @@ class ExtractConfig:
     out_dir: str
     batch_size: int = 32  # images per step and process; the encoder sees batch_size * num_views crops
     num_workers: int = 4
-    precision: str = "fp32"  # fp32 | bf16 | fp16: encoder autocast on CUDA (codes can change where two are close); CPU runs fp32
+    # fp32 | bf16 | fp16 (fp16: CUDA only): the encoder under autocast, the code search in float32. Codes can
+    # change where two codes are nearly equally close; the store records the precision, so reruns must match it.
+    precision: str = "fp32"
     merged: bool = False  # also keep the merged form (mergevq: K codes in merge order + token map per view)
 
+    def check(self) -> None:
+        """Every setting of the right type and in range, before anything is loaded or written."""
+        v.non_empty(self.data.root, "data.root")
+        v.integer(self.data.image_size, "data.image_size", low=1)
+        num_views(self.data.views)
+        v.number(self.data.crop_range, "data.crop_range", low=1)
+        v.non_empty(self.out_dir, "out_dir")
+        v.integer(self.batch_size, "batch_size", low=1)
+        v.integer(self.num_workers, "num_workers", low=0)
+        check_precision(self.precision)
 
-class BadImageError(RuntimeError):
+
+# Families whose encoders run faster channels_last on a CPU: oneDNN's NHWC convolutions run LlamaGen's VQ-16 encoder
+# 1.4x faster here with the same codes (README, benchmarks). The others are not measured and keep the default layout.
+CPU_CHANNELS_LAST = ("llamagen_vq", "ibq")
+
+
+def encoder_layout(device: torch.device, family: str) -> torch.memory_format:
+    return torch.channels_last if device.type == "cpu" and family in CPU_CHANNELS_LAST else torch.contiguous_format
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); only a warning depends on it. torch asks its
+    private checks; a torch without them counts as no."""
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
+
+class BadImageError(UserError, RuntimeError):
     """An image could not be read and data.skip_bad is false."""
 
 
@@ -54,10 +85,10 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
     size = cfg.data.image_size
     views = num_views(cfg.data.views)
     if size % tok.downsample:
-        raise ValueError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
+        raise ConfigError(f"data.image_size={size} is not a multiple of the tokenizer's downsampling {tok.downsample}")
     sizes = group_sizes(tok)  # (MGVQConfig refuses a codebook that does not split into its groups)
     if max(sizes) > 2**32:
-        raise ValueError(f"tokenizer groups of {sizes} codes: at most 2**32 per group fit the store's uint32")
+        raise ConfigError(f"tokenizer groups of {sizes} codes: at most 2**32 per group fit the store's uint32")
     tencrop = cfg.data.views.startswith("tencrop")
     grid = [size // tok.downsample, size // tok.downsample]
     merged = {}
@@ -88,18 +119,21 @@ def build_spec(cfg: ExtractConfig, tok, files: list[str], labels: list[int], cla
     }
 
 
-def encode_views(model, x: torch.Tensor, spec: dict, dtype) -> tuple[np.ndarray, tuple | None]:
+def encode_views(model, x: torch.Tensor, spec: dict, dtype, layout=torch.contiguous_format
+                 ) -> tuple[np.ndarray, tuple | None]:
     """Views (B, A, 3, S, S) -> grid codes (B, A, h, w, G) in the store's dtype, and where the store keeps the merged
-    form (`merged_tokens`), (merged codes (B, A, K, G), token map (B, A, h, w) uint16)."""
+    form (`merged_tokens`), (merged codes (B, A, K, G), token map (B, A, h, w) uint16). The encoder runs under
+    autocast to `dtype` (None: float32) on images in `layout` (the encoder_layout of the family)."""
     B, A = x.shape[:2]
     (h, w), G = spec["grid"], spec["groups"]
     merged = None
+    x = x.flatten(0, 1).contiguous(memory_format=layout)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         if spec.get("merged_tokens"):
-            merged = model.encode_merged(x.flatten(0, 1))  # (B * A, K, G), (B * A, h, w)
+            merged = model.encode_merged(x)  # (B * A, K, G), (B * A, h, w)
             codes = unmerge(*merged)
         else:
-            codes = model.encode_codes(x.flatten(0, 1))  # (B * A, h, w, G)
+            codes = model.encode_codes(x)  # (B * A, h, w, G)
     if codes.shape != (B * A, h, w, G):
         raise RuntimeError(f"encode_codes returned {tuple(codes.shape)}, expected {(B * A, h, w, G)}")
     codes = codes.view(B, A, h, w, G).cpu().numpy().astype(spec["dtype"])
@@ -111,25 +145,38 @@ def encode_views(model, x: torch.Tensor, spec: dict, dtype) -> tuple[np.ndarray,
 
 def extract(cfg: ExtractConfig) -> dict:
     """Fill (or finish) the code store `cfg.out_dir`; returns its meta."""
+    cfg.check()
     accelerator = Accelerator()
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    precision = check_precision(cfg.precision) if device.type == "cuda" else "fp32"
+    # bf16 runs on a CPU too (the encoder under autocast); fp16 only on CUDA
+    precision = check_precision(cfg.precision, ("fp32", "bf16") if accelerator.device.type == "cpu" else PRECISIONS)
     checkpoint = cfg.tokenizer.require_checkpoint("the weights file the codes are made with")
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"tokenizer.checkpoint={checkpoint} is not a file")
-    # The architecture the ref names, else the file's own (loaded now); a mismatch is refused before loading.
+        raise MissingFileError(f"tokenizer.checkpoint={checkpoint} is not a file")
+    # The architecture the ref names, else the file's own (loaded now); a store made with other settings is
+    # refused before the load, and the load (which checks the file) comes before the out_dir is touched, so a bad
+    # file leaves nothing that would refuse the corrected command.
     model = None if cfg.tokenizer.config is not None else cfg.tokenizer.load()
     arch = cfg.tokenizer.config if model is None else model.config
-
     files, labels, classes = list_images(cfg.data.root)
     spec = build_spec(cfg, arch, files, labels, classes, precision)
+    StoreWriter(cfg.out_dir, spec).check()  # read-only; checked again under the lock
+    model = model or cfg.tokenizer.load()
+    with out_dir_lock(cfg.out_dir, accelerator):
+        fill_store(cfg, accelerator, model, spec, files, labels)
+    return CodeStore(cfg.out_dir).meta
+
+
+def fill_store(cfg: ExtractConfig, accelerator: Accelerator, model: torch.nn.Module, spec: dict, files: list[str],
+               labels: list[int]) -> None:
+    """Create, resume or recognise as complete the store of `spec` in cfg.out_dir, and encode what is missing."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     writer = StoreWriter(cfg.out_dir, spec)
     state = writer.check()  # every rank checks, so a refusal stops all of them alike
     if state == "complete":
         if accelerator.is_main_process:
             print(f"{cfg.out_dir}: code store already complete ({len(files)} images)")
             writer.remove_progress_files()  # left behind by a kill right after meta.json was written
-        return CodeStore(cfg.out_dir).meta
+        return
     if state == "new" and accelerator.is_main_process:
         writer.create(np.asarray(labels, dtype=np.int64))
     accelerator.wait_for_everyone()
@@ -140,8 +187,12 @@ def extract(cfg: ExtractConfig) -> dict:
     dataset = ImageViews(cfg.data.root, cfg.data.image_size, cfg.data.views, cfg.data.crop_range, files, labels)
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    model = (model or cfg.tokenizer.load()).to(device)
-    dtype = autocast_dtype(precision)
+    layout = encoder_layout(device, cfg.tokenizer.family)
+    model = model.to(device, memory_format=layout)
+    dtype = autocast_dtype(spec["precision"])
+    if device.type == "cpu" and dtype is not None and not native_cpu_bf16():
+        print(f"warning: precision={spec['precision']} on a CPU without AVX512-BF16 or AMX: its bf16 convolutions "
+              f"are emulated and slower than fp32 (README, benchmarks)", flush=True)
     h, w = spec["grid"]
 
     # One bar on the main process for all ranks: it counts world_size images per image of its own slice.
@@ -149,7 +200,7 @@ def extract(cfg: ExtractConfig) -> dict:
                desc=f"extract x{world}" if world > 1 else "extract", disable=not accelerator.is_main_process)
     for index, x, _, errors in loader:
         B, A = x.shape[:2]
-        codes, merged = encode_views(model, x.to(device, non_blocking=True), spec, dtype)
+        codes, merged = encode_views(model, x.to(device, non_blocking=True), spec, dtype, layout)
         index, bad = index.numpy(), np.array([bool(e) for e in errors])
         if bad.any() and not cfg.data.skip_bad:
             writer.write(index[~bad], codes[~bad], bad[~bad],  # keep the readable images of this batch
@@ -168,5 +219,3 @@ def extract(cfg: ExtractConfig) -> dict:
         print(f"{cfg.out_dir}: {len(files)} images x {spec['num_views']} views -> codes "
               f"{tuple([len(files), spec['num_views'], h, w, spec['groups']])}"
               + (f", {len(meta['bad_files'])} unreadable images skipped" if meta["bad_files"] else ""))
-    accelerator.wait_for_everyone()
-    return CodeStore(cfg.out_dir).meta

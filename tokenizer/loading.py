@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from tokenizer.base import check_weights_choice
+from tokenizer.common.errors import BadFileError, ConfigError, LayoutError
 from tokenizer.common.io import atomic_path, load_weights_file
 from tokenizer.common.settings import refuse_mismatch
 from tokenizer.families.magvit2 import Magvit2Config
@@ -39,7 +41,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source) -> None:
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
     if problems:
-        raise RuntimeError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
+        raise LayoutError(f"{source} does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
 
 
 def read_file(path: str | os.PathLike) -> dict:
@@ -47,20 +49,20 @@ def read_file(path: str | os.PathLike) -> dict:
     the one read of the file per load."""
     blob = load_weights_file(path, "tokenizer checkpoint")
     if not isinstance(blob, dict):
-        raise ValueError(f"{path} holds a {type(blob).__name__}, not a dict checkpoint")
+        raise BadFileError(f"{path} holds a {type(blob).__name__}, not a dict checkpoint")
     return blob
 
 
-def read_weights(path: Path, family: str, weights: str) -> tuple[Any, dict, str]:
-    """(stored config or None, state dict in the family's key names, which entry) of a tokenizer file: this
-    project's `{"model", "config", "family"}` or the family's official layout (read by the family)."""
+def read_weights(blob: dict, path: Path, family: str, weights: str) -> tuple[Any, dict, str]:
+    """(stored config or None, state dict in the family's key names, which entry) of a tokenizer file's contents
+    `blob` (read_file): this project's `{"model", "config", "family"}` or the family's official layout (read by
+    the family)."""
     check_weights_choice(weights)
     fam = get_family(family)
-    blob = read_file(path)
     if isinstance(blob.get("config"), dict) and is_state_dict(blob.get("model")):
         stored_family = blob.get("family", "mgvq")  # files written before families existed are MGVQ
         if stored_family != family:
-            raise ValueError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
+            raise ConfigError(f"{path} holds a {stored_family!r} tokenizer, not family={family!r}")
         return fam.config_cls.from_dict(blob["config"]), blob["model"], "model"
     return None, *fam.read_official(blob, path, weights)
 
@@ -80,11 +82,15 @@ def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "m
         config = fam.config_cls.from_dict(config)
     if config is not None and fam.check_config is not None:
         fam.check_config(config)
-    stored_config, state_dict, which = read_weights(path, family, weights)
+    blob = read_file(path)
+    try:
+        stored_config, state_dict, which = read_weights(blob, path, family, weights)
+    except (LayoutError, ValueError, KeyError) as e:
+        raise _other_family_hint(blob, path, family) or e
     if config is None:
         if stored_config is None:
-            raise ValueError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
-                             f"{fam.config_cls.__name__}.preset(...)")
+            raise ConfigError(f"{path}: an official {family} checkpoint stores no config: pass one, e.g. "
+                              f"{fam.config_cls.__name__}.preset(...)")
         config = stored_config
     elif stored_config is not None:
         # Keys and shapes would not catch e.g. a different activation: refuse any difference.
@@ -100,6 +106,42 @@ def load_tokenizer(path: str | os.PathLike, config: Any = None, family: str = "m
     return model.eval().requires_grad_(False)
 
 
+def _key_layout(keys) -> set[str]:
+    """Weight names with their block indices masked (`encoder.down.#.block.#.conv1.weight`): what a family's
+    layout fixes, whatever the depth of a preset."""
+    return {re.sub(r"\.\d+(?=\.)", ".#", k) for k in keys}
+
+
+def fitting_families(blob: dict, path, but: str) -> list[str]:
+    """The families other than `but` whose official reader takes the file contents `blob` and one of whose presets
+    has exactly its key layout: the families the file belongs to (empty when none)."""
+    fits = []
+    for ref in named_refs().values():
+        if ref.family == but or ref.family in fits:
+            continue
+        try:
+            state_dict, _ = get_family(ref.family).read_official(blob, path, "auto")
+        except (ValueError, KeyError, RuntimeError):
+            continue
+        with torch.device("meta"):
+            model = get_family(ref.family).model_cls(ref.config)
+        if _key_layout(state_dict) == _key_layout(model.state_dict()):
+            fits.append(ref.family)
+    return fits
+
+
+def _other_family_hint(blob: dict, path, family: str) -> LayoutError | None:
+    """The error for an official file of another family than `family`, naming the family whose layout it has and
+    its presets; None when it fits none (the reader's own error then stands)."""
+    fits = fitting_families(blob, path, family)
+    if not fits:
+        return None
+    presets = sorted(n for n, ref in named_refs().items() if ref.family in fits)
+    return LayoutError(f"{path} is not a {family!r} tokenizer file: its weights have the layout of family "
+                       f"{' or '.join(map(repr, fits))}. Pass tokenizer={presets[0]} (family {fits[0]}; presets "
+                       f"{presets}) instead of family={family!r}")
+
+
 def save_tokenizer(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write this project's tokenizer file `{"model": state_dict, "config": dict, "family": name}` atomically."""
     with atomic_path(path) as tmp:
@@ -111,7 +153,7 @@ def read_codebook(path: str | os.PathLike, family: str = "mgvq", weights: str = 
     out of the memory-mapped file: what a GPT with codebook input embeds. Official files give the weights
     `load_tokenizer(path, family=family, weights=weights)` would load."""
     path = Path(path)
-    state_dict = read_weights(path, family, weights)[1]
+    state_dict = read_weights(read_file(path), path, family, weights)[1]
     if CODEBOOK_KEY not in state_dict:
         raise KeyError(f"tokenizer checkpoint {path} has no {CODEBOOK_KEY!r}")
     return state_dict[CODEBOOK_KEY].float().clone()
@@ -138,7 +180,7 @@ class TokenizerRef:
 
     def require_checkpoint(self, why: str) -> str:
         if not self.checkpoint:
-            raise ValueError(f"tokenizer.checkpoint is required: {why}")
+            raise ConfigError(f"tokenizer.checkpoint is required: {why}")
         return self.checkpoint
 
     def load(self, map_location="cpu") -> torch.nn.Module:

@@ -20,13 +20,17 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from tokenizer.common.io import read_json, write_json_atomic
+from tokenizer.common.errors import BadFileError, MissingFileError
+from tokenizer.common.io import load_npy, read_json, write_json_atomic
 from tokenizer.common.settings import SettingsMismatchError, refuse_mismatch
+from tokenizer.base import group_sizes
+from tokenizer.registry import FAMILIES
 
 CODES, LABELS, META, SPEC, DONE = "codes.npy", "labels.npy", "meta.json", "spec.json", "done.npy"
 MERGED_CODES, TOKEN_MAP = "merged_codes.npy", "token_map.npy"
 FORMAT_VERSION = 1
 CODE_DTYPES = ("uint16", "uint32")
+CHECKED_ROWS = 256  # images whose codes are checked against meta.json when a store is opened
 REQUIRED_META = ("tokenizer", "tokenizer_sha256", "image_size", "views", "num_views", "groups", "codes_per_group",
                  "grid", "num_images", "num_classes", "class_names", "files_fingerprint")
 
@@ -39,7 +43,7 @@ def code_dtype(meta: dict) -> np.dtype:
     """The codes' dtype a store's meta names: uint16, or uint32 for more than 65536 codes per group (IBQ 262144)."""
     name = meta.get("dtype", "uint16")
     if name not in CODE_DTYPES:
-        raise ValueError(f"code store dtype {name!r} is not one of {CODE_DTYPES}")
+        raise BadFileError(f"code store dtype {name!r} is not one of {CODE_DTYPES}")
     return np.dtype(name)
 
 
@@ -53,33 +57,32 @@ class CodeStore:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         if not self.dir.is_dir():
-            raise FileNotFoundError(f"code store {self.dir} does not exist")
+            raise MissingFileError(f"code store {self.dir} does not exist")
         if not (self.dir / META).is_file():
             if (self.dir / SPEC).is_file():
-                done = np.load(self.dir / DONE, mmap_mode="r") if (self.dir / DONE).is_file() else np.zeros(0)
-                raise ValueError(f"code store {self.dir} is incomplete ({int(done.sum())} of {len(done)} images "
+                done = load_npy(self.dir / DONE, "code store progress file", mmap_mode="r") if (self.dir / DONE).is_file() else np.zeros(0)
+                raise BadFileError(f"code store {self.dir} is incomplete ({int(done.sum())} of {len(done)} images "
                                  f"extracted): rerun the same extract_codes command to finish it")
-            raise FileNotFoundError(f"{self.dir} is not a code store: it has no {META}")
+            raise MissingFileError(f"{self.dir} is not a code store: it has no {META}")
         self.meta = read_json(self.dir / META)
         missing = [k for k in REQUIRED_META if k not in self.meta]
         if missing:
-            raise ValueError(f"{self.dir / META} lacks {missing}")
-        try:
-            self.codes = np.load(self.dir / CODES, mmap_mode="r")
-            self.labels = np.load(self.dir / LABELS)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"code store {self.dir}: cannot read {CODES} / {LABELS}: {e}") from e
+            raise BadFileError(f"{self.dir / META} lacks {missing}")
+        self.codes = load_npy(self.dir / CODES, "code store file", mmap_mode="r")
+        self.labels = load_npy(self.dir / LABELS, "code store file")
         m = self.meta
         want = (m["num_images"], m["num_views"], *m["grid"], m["groups"])
         dtype = code_dtype(m)
         if self.codes.dtype != dtype or self.codes.shape != want:
-            raise ValueError(f"{self.dir / CODES} is {self.codes.dtype} {self.codes.shape}, meta.json says {dtype} {want}")
+            raise BadFileError(f"{self.dir / CODES} is {self.codes.dtype} {self.codes.shape}, meta.json says "
+                               f"{dtype} {want}")
         self.merged_codes = self.token_map = None
         if m.get("merged_tokens"):
             self._open_merged()
         if self.labels.dtype != np.int64 or self.labels.shape != (m["num_images"],):
-            raise ValueError(f"{self.dir / LABELS} is {self.labels.dtype} {self.labels.shape}, "
-                             f"meta.json says int64 ({m['num_images']},)")
+            raise BadFileError(f"{self.dir / LABELS} is {self.labels.dtype} {self.labels.shape}, "
+                               f"meta.json says int64 ({m['num_images']},)")
+        check_codes_fit_meta(self.dir, m, self.codes)
         h = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
         h.update(self.labels.tobytes())
         self.fingerprint = h.hexdigest()  # content id: what made the codes and which images they are
@@ -87,14 +90,11 @@ class CodeStore:
     def _open_merged(self) -> None:
         m = self.meta
         for name, attr, dtype, shape in merged_arrays(m):
-            try:
-                setattr(self, attr, np.load(self.dir / name, mmap_mode="r"))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"code store {self.dir}: meta.json names merged_tokens but {name} is unreadable: "
-                                 f"{e}") from e
+            setattr(self, attr, load_npy(self.dir / name, "merged-form file (meta.json names merged_tokens)",
+                                         mmap_mode="r"))
             got = getattr(self, attr)
             if got.dtype != dtype or got.shape != shape:
-                raise ValueError(f"{self.dir / name} is {got.dtype} {got.shape}, meta.json says {dtype} {shape}")
+                raise BadFileError(f"{self.dir / name} is {got.dtype} {got.shape}, meta.json says {dtype} {shape}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -105,6 +105,36 @@ def merged_arrays(spec: dict) -> list[tuple[str, str, np.dtype, tuple]]:
     n, a = spec["num_images"], spec["num_views"]
     return [(MERGED_CODES, "merged_codes", code_dtype(spec), (n, a, spec["merged_tokens"], spec["groups"])),
             (TOKEN_MAP, "token_map", np.dtype("uint16"), (n, a, *spec["grid"]))]
+def meta_group_sizes(directory: Path, meta: dict) -> list[int]:
+    """Codes per group that meta.json states, one per group; refused (naming meta.json) where the entry does
+    not fit `groups` or the tokenizer config meta.json records (for a family whose config it can rebuild)."""
+    per_group, groups = meta["codes_per_group"], meta["groups"]
+    sizes = list(per_group) if isinstance(per_group, list) else [per_group] * groups
+    family = FAMILIES.get(meta.get("family", "mgvq"))
+    try:
+        arch = family and group_sizes(family.config_cls.from_dict(meta["tokenizer"]))
+    except (TypeError, ValueError, KeyError):
+        arch = None  # a config this version cannot rebuild: the codes are still checked below
+    if len(sizes) != groups or any(not isinstance(k, int) or k < 1 for k in sizes) or (arch and arch != sizes):
+        raise BadFileError(f"{directory / META}: codes_per_group={per_group} does not fit groups={groups}"
+                           + (f" and the tokenizer it records ({arch} codes per group)" if arch else ""))
+    return sizes
+
+
+def check_codes_fit_meta(directory: Path, meta: dict, codes: np.ndarray, rows: int = CHECKED_ROWS) -> None:
+    """Every code of `rows` images spread evenly over the store (all views) lies below its group's size in
+    meta.json: a cheap check (rows * A * h * w * G codes) that catches a meta.json that does not describe
+    these codes before a model is built on it."""
+    sizes = meta_group_sizes(directory, meta)
+    if not len(codes):
+        return
+    sample = codes[np.unique(np.linspace(0, len(codes) - 1, min(rows, len(codes))).astype(np.int64))]
+    top = sample.reshape(-1, sample.shape[-1]).max(0)  # (G,)
+    over = [(g, int(t), k) for g, (t, k) in enumerate(zip(top, sizes)) if t >= k]
+    if over:
+        raise BadFileError(f"{directory / CODES} holds codes beyond meta.json's codes_per_group {sizes}: "
+                           + ", ".join(f"group {g} has code {t} (>= {k})" for g, t, k in over)
+                           + f"; {directory / META} does not describe these codes")
 
 
 class StoreWriter:
@@ -145,11 +175,11 @@ class StoreWriter:
 
     def open(self) -> np.ndarray:
         """Open the memmaps for writing; returns the indices not yet done, the same on every rank."""
-        self.codes = np.load(self.dir / CODES, mmap_mode="r+")
-        self.labels = np.load(self.dir / LABELS, mmap_mode="r+")
-        self.done = np.load(self.dir / DONE, mmap_mode="r+")
+        self.codes = load_npy(self.dir / CODES, "code store file", mmap_mode="r+")
+        self.labels = load_npy(self.dir / LABELS, "code store file", mmap_mode="r+")
+        self.done = load_npy(self.dir / DONE, "code store progress file", mmap_mode="r+")
         for name, attr, _, _ in merged_arrays(self.spec) if self.spec.get("merged_tokens") else ():
-            setattr(self, attr, np.load(self.dir / name, mmap_mode="r+"))
+            setattr(self, attr, load_npy(self.dir / name, "code store file", mmap_mode="r+"))
         return np.flatnonzero(self.done == 0)
 
     def write(self, indices: np.ndarray, codes: np.ndarray, bad: np.ndarray,
@@ -177,10 +207,10 @@ class StoreWriter:
 
     def finalize(self, files: list[str]) -> dict:
         """Write meta.json (spec + bad_files) once every image is done; drop the progress files."""
-        done = np.load(self.dir / DONE, mmap_mode="r")
+        done = load_npy(self.dir / DONE, "code store progress file", mmap_mode="r")
         if not done.all():
             raise RuntimeError(f"{self.dir}: {int((done == 0).sum())} images were not extracted")
-        labels = np.load(self.dir / LABELS, mmap_mode="r")
+        labels = load_npy(self.dir / LABELS, "code store file", mmap_mode="r")
         meta = dict(self.spec, bad_files=[files[i] for i in np.flatnonzero(labels < 0)])
         write_json_atomic(self.dir / META, meta)
         self.remove_progress_files()

@@ -283,5 +283,5 @@ def train(cfg: TrainTokenizerConfig) -> Path:
         save_tokenizer((trainer.ema.model if trainer.ema is not None else tokenizer).cpu(), path)
         acc.print(f"tokenizer ({'EMA' if trainer.ema is not None else 'trained'} weights) written to {path}")
     acc.wait_for_everyone()
-    acc.end_training()
+    trainer.end()
     return path

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from tokenizer.common.errors import ConfigError
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_precision(name: str, allowed: tuple[str, ...] = tuple(PRECISIONS)) -> str:
     if name not in allowed:
-        raise ValueError(f"precision={name!r}: expected one of {list(allowed)}")
+        raise ConfigError(f"precision={name!r}: expected one of {list(allowed)}")
     return name
 
 

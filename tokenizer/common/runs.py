@@ -31,8 +31,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from tokenizer.common import validate as v
+from tokenizer.common.errors import ConfigError, MissingFileError, OutputExistsError
 from tokenizer.common.io import read_json, write_json_atomic, write_text_atomic
-from tokenizer.common.precision import accelerate_precision
+from tokenizer.common.lock import lock_out_dir, unlock_out_dir
+from tokenizer.common.precision import PRECISIONS, accelerate_precision
 from tokenizer.common.settings import json_ready, refuse_mismatch
 
 STATE_FILE = "train_state.json"
@@ -60,6 +63,28 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept; 0 = all
     seed: int = 0
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | <checkpoint dir>
+
+    def check(self) -> None:
+        """Every run setting of the right type, finite and in range (ConfigError naming it), before anything is
+        written. Trainers extend it with their own fields."""
+        v.non_empty(self.out_dir, "out_dir")
+        v.optional_integer(self.max_steps, "max_steps", low=1)
+        v.integer(self.global_batch_size, "global_batch_size", low=1)
+        v.integer(self.grad_accum, "grad_accum", low=1)
+        v.number(self.lr, "lr", low=0)
+        v.number(self.weight_decay, "weight_decay", low=0)
+        if len(v.per_group(self.betas, "betas", low=0, high=1, high_open=True)) != 2:
+            raise ConfigError(f"betas={self.betas}: expected two numbers in [0, 1)")
+        v.number(self.grad_clip, "grad_clip", low=0)
+        v.integer(self.warmup_steps, "warmup_steps", low=0)
+        v.choice(self.lr_schedule, "lr_schedule", sorted(LR_SCHEDULES))
+        v.choice(self.precision, "precision", list(PRECISIONS))
+        v.number(self.ema, "ema", low=0, high=1, high_open=True)
+        v.integer(self.log_every, "log_every", low=1)
+        v.integer(self.ckpt_every, "ckpt_every", low=1)
+        v.integer(self.keep_last, "keep_last", low=0)
+        v.integer(self.seed, "seed", low=0, high=2**32 - 1)
+        v.non_empty(self.resume, "resume")
 
 
 class EMA:
@@ -139,12 +164,12 @@ def find_resume_checkpoint(out_dir: Path, resume: str) -> Path | None:
         return existing[-1] if existing else None
     if resume == "none":
         if existing:
-            raise FileExistsError(f"{out_dir} already holds checkpoints (newest {existing[-1].name}): pass "
+            raise OutputExistsError(f"{out_dir} already holds checkpoints (newest {existing[-1].name}): pass "
                                   f"resume=auto to continue them, or choose another out_dir")
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no {STATE_FILE} in it)")
+        raise MissingFileError(f"resume={resume}: not a checkpoint directory (no {STATE_FILE} in it)")
     return path
 
 
@@ -199,11 +224,11 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __init__(self, plan: Callable[[int], tuple[np.ndarray, np.ndarray]], num_items: int, global_batch_size: int,
                  grad_accum: int = 1, rank: int = 0, world_size: int = 1, start_step: int = 0):
         if global_batch_size % (world_size * grad_accum):
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+            raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by "
                              f"num_processes * grad_accum = {world_size} * {grad_accum}")
         self.steps_per_epoch = num_items // global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"global_batch_size={global_batch_size} exceeds the {num_items} usable items")
+            raise ConfigError(f"global_batch_size={global_batch_size} exceeds the {num_items} usable items")
         self.plan, self.global_batch_size, self.grad_accum = plan, global_batch_size, grad_accum
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size = global_batch_size // (world_size * grad_accum)
@@ -243,7 +268,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, max_steps: 
     from transformers import get_scheduler  # transformers takes seconds to import: only a trainer pays
 
     if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule={cfg.lr_schedule!r}: choose one of {sorted(LR_SCHEDULES)}")
+        raise ConfigError(f"lr_schedule={cfg.lr_schedule!r}: choose one of {sorted(LR_SCHEDULES)}")
     return get_scheduler(LR_SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=max_steps)
 
@@ -289,6 +314,7 @@ class Trainer:
     """One training run: build it, give it the identity a checkpoint must match, prepare, then `run`."""
 
     def __init__(self, cfg: RunConfig, **accelerator_kwargs):
+        cfg.check()  # every setting, before anything is built or written
         self.cfg, self.out_dir = cfg, Path(cfg.out_dir)
         self.accelerator = Accelerator(mixed_precision=accelerate_precision(cfg.precision),
                                        gradient_accumulation_steps=cfg.grad_accum,
@@ -304,9 +330,18 @@ class Trainer:
         self.step, self.resume_from, self.identity = 0, None, {}
         self.log_path = self.out_dir / "log.jsonl"
 
+    @property
+    def fused_optimizer(self) -> bool:
+        """Whether AdamW runs fused: on CUDA, and on a CPU outside FSDP (8x the foreach step on GPT-B's embedding
+        and head matrices here, scripts/bench_llamagen.py), as LlamaGen's train_c2i.py asks wherever it exists."""
+        return self.device.type == "cuda" or (self.device.type == "cpu" and not self.is_fsdp)
+
     def check_resume(self, identity: dict) -> Path | None:
         """The checkpoint to resume from (per `cfg.resume`), refused unless it was written by a run of this identity:
-        the settings that fix what the steps compute (model, data, batch, seed). Call before building the model."""
+        the settings that fix what the steps compute (model, data, batch, seed). Call before building the model,
+        once the data and settings are checked: it takes the out_dir's lock (tokenizer.common.lock), held until
+        `end`."""
+        lock_out_dir(self.out_dir, self.accelerator)
         self.identity = json_ready(identity)
         self.resume_from = find_resume_checkpoint(self.out_dir, self.cfg.resume)
         if self.resume_from is not None:
@@ -322,7 +357,7 @@ class Trainer:
         built after `prepare`, from the model's shards (ShardedEMA). Returns the prepared objects."""
         set_seed(self.cfg.seed, device_specific=True)  # dropout / masking streams differ per rank from here on
         if self.cfg.ema and self.is_fsdp and ema_of is not None:
-            raise ValueError("ema of a part of the model is not supported with FSDP: set ema=0")
+            raise ConfigError("ema of a part of the model is not supported with FSDP: set ema=0")
         if self.cfg.ema and not self.is_fsdp:
             self.ema = EMA(ema_of if ema_of is not None else model, self.cfg.ema)
             self.ema.model.to(self.device)
@@ -370,6 +405,12 @@ class Trainer:
                 f"loss or gradient norm is not finite at step {int(bad.min())}: stopping at step {self.step} without "
                 f"logging or saving it; the last good checkpoint is "
                 f"{last[-1] if last else 'none (no checkpoint written yet)'}")
+
+    def end(self) -> None:
+        """The out_dir's lock released (once every rank is done), then accelerate's end of training (trackers; it
+        takes the process group down)."""
+        unlock_out_dir(self.out_dir, self.accelerator)
+        self.accelerator.end_training()
 
     def run(self, max_steps: int, step_fn: Callable[[], dict[str, torch.Tensor]], *, ema_source: nn.Module | None = None,
             describe: Callable[[dict, dict, int, float], dict], lr: Callable[[], float], state: Callable[[int], dict],

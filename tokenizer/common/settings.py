@@ -5,10 +5,12 @@ import dataclasses
 import json
 from typing import Any
 
+from tokenizer.common.errors import ConfigError, UserError
+
 MISSING = "<missing>"
 
 
-class SettingsMismatchError(ValueError):
+class SettingsMismatchError(UserError, ValueError):
     """Something on disk was made with other settings than the ones asked for now."""
 
 
@@ -17,14 +19,14 @@ def known_fields(cls: type, d: dict, what: str | None = None) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"unknown {what or cls.__name__} fields {unknown}; expected {sorted(names)}")
+        raise ConfigError(f"unknown {what or cls.__name__} fields {unknown}; expected {sorted(names)}")
     return d
 
 
 def preset_fields(presets: dict, name: str, what: str) -> dict:
     """The fields of preset `name`, or a ValueError listing the presets there are."""
     if name not in presets:
-        raise ValueError(f"unknown {what} preset {name!r}; expected one of {sorted(presets)}")
+        raise ConfigError(f"unknown {what} preset {name!r}; expected one of {sorted(presets)}")
     return presets[name]
 
 

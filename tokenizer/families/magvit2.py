@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.common.errors import BadFileError, ConfigError
 from tokenizer.common.settings import known_fields, preset_fields
 from tokenizer.base import IMAGE_CHANNELS, CodeTokenizer
 
@@ -53,10 +54,10 @@ class Magvit2Config:
         self.ch_mult, self.factorized_bits = list(self.ch_mult), list(self.factorized_bits)
         widths = [self.ch * m for m in self.ch_mult]
         if any(w % NORM_GROUPS for w in widths) or not self.ch_mult:
-            raise ValueError(f"ch={self.ch} x ch_mult={self.ch_mult} gives widths {widths}: each must be a positive "
+            raise ConfigError(f"ch={self.ch} x ch_mult={self.ch_mult} gives widths {widths}: each must be a positive "
                              f"multiple of {NORM_GROUPS} (group norm)")
         if sum(self.factorized_bits) != self.z_channels or min(self.factorized_bits) < 1:
-            raise ValueError(f"factorized_bits={self.factorized_bits} must be positive and sum to "
+            raise ConfigError(f"factorized_bits={self.factorized_bits} must be positive and sum to "
                              f"z_channels={self.z_channels}")
 
     @property
@@ -314,16 +315,16 @@ def read_official(blob: dict, path: str | os.PathLike, weights: str = "auto") ->
     """
     sd = blob.get("state_dict")
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
+        raise BadFileError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     prefix = "first_stage_model." if any(k.startswith("first_stage_model.encoder.") for k in sd) else ""
     raw = {k[len(prefix):]: v for k, v in sd.items() if k.startswith((prefix + "encoder.", prefix + "decoder."))}
     ema = {k[len("model_ema."):]: v for k, v in sd.items() if k.startswith(("model_ema.encoder", "model_ema.decoder"))}
     if not raw:
-        raise ValueError(f"{path}: no encoder./decoder. weights in its state_dict")
+        raise BadFileError(f"{path}: no encoder./decoder. weights in its state_dict")
     if weights != "ema":
         return raw, "raw"
     if not ema:
-        raise ValueError(f"{path}: weights='ema' but the file has no model_ema.encoder*/decoder* entries "
+        raise BadFileError(f"{path}: weights='ema' but the file has no model_ema.encoder*/decoder* entries "
                          f"(an AR checkpoint holds only the raw tokenizer weights)")
     return ema_by_raw_names(raw, ema, path), "ema"
 
@@ -335,6 +336,6 @@ def ema_by_raw_names(raw: dict, ema: dict, path) -> dict:
     unknown = sorted(k for k in ema if k not in dotted)
     missing = sorted(k for flat, k in dotted.items() if flat not in ema)
     if unknown or missing:
-        raise ValueError(f"{path}: EMA weights do not match the raw ones: unknown EMA entries {unknown[:10]}, "
+        raise BadFileError(f"{path}: EMA weights do not match the raw ones: unknown EMA entries {unknown[:10]}, "
                          f"parameters without EMA {missing[:10]}")
     return {dotted[k]: v for k, v in ema.items()}

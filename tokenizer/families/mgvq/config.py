@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tokenizer.common.errors import ConfigError
 from tokenizer.common.settings import known_fields, preset_fields
 
 BLOCK_TYPES = ("ResBlock", "EViT_GLU")
@@ -37,17 +38,17 @@ class BackboneConfig:
     def __post_init__(self):
         n = len(self.width_list)
         if n < 2 or len(self.depth_list) != n:
-            raise ValueError(f"width_list {self.width_list} and depth_list {self.depth_list} must have the same "
+            raise ConfigError(f"width_list {self.width_list} and depth_list {self.depth_list} must have the same "
                              f"length >= 2 (one entry per stage)")
         if any(d <= 0 for d in self.depth_list[1:]):
-            raise ValueError(f"depth_list {self.depth_list}: only the first stage may be empty")
+            raise ConfigError(f"depth_list {self.depth_list}: only the first stage may be empty")
         for name, allowed in (("block_type", BLOCK_TYPES), ("norm", NORMS), ("act", ACTS)):
             value = getattr(self, name)
             value = [value] * n if isinstance(value, str) else list(value)
             if len(value) == 1:
                 value = value * n
             if len(value) != n or any(v not in allowed for v in value):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected {n} entries (one per stage) from {allowed}")
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected {n} entries (one per stage) from {allowed}")
             setattr(self, name, value)
         self.width_list, self.depth_list = list(self.width_list), list(self.depth_list)
 
@@ -97,10 +98,10 @@ class MGVQConfig:
             self.decoder = BackboneConfig(**self.decoder)
         G = self.codebook_groups
         if G < 1 or self.latent_channels % G or self.codebook_size % G:
-            raise ValueError(f"codebook_groups={G} must divide latent_channels={self.latent_channels} and "
+            raise ConfigError(f"codebook_groups={G} must divide latent_channels={self.latent_channels} and "
                              f"codebook_size={self.codebook_size}")
         if self.encoder.num_stages != self.decoder.num_stages:
-            raise ValueError(f"encoder has {self.encoder.num_stages} stages, decoder {self.decoder.num_stages}: "
+            raise ConfigError(f"encoder has {self.encoder.num_stages} stages, decoder {self.decoder.num_stages}: "
                              f"they must match so that decoding undoes the encoder's downsampling")
 
     @property
@@ -121,7 +122,7 @@ class MGVQConfig:
         arch = preset_fields(PRESETS, name, "tokenizer")
         if codebook_size is None:
             if groups not in RELEASED_CODEBOOK_SIZE:
-                raise ValueError(f"no released MGVQ tokenizer has {groups} groups: pass codebook_size explicitly")
+                raise ConfigError(f"no released MGVQ tokenizer has {groups} groups: pass codebook_size explicitly")
             codebook_size = RELEASED_CODEBOOK_SIZE[groups]
         return cls.from_dict({"latent_channels": 32, "codebook_size": codebook_size, "codebook_groups": groups,
                               **arch, **fields})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tokenizer.common.errors import BadFileError
 
 TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 # Training statistics in the official files that no forward reads.
@@ -49,7 +50,7 @@ def read_llamagen(blob: dict, path: str | Path, weights: str = "auto") -> tuple[
     auto = `model`, what its sampler decodes with."""
     which = "ema" if weights == "ema" else "model"
     if not isinstance(blob.get(which), dict):
-        raise ValueError(f"{path} has no {which!r} weights (weights={weights!r}); its entries: {sorted(map(str, blob))}")
+        raise BadFileError(f"{path} has no {which!r} weights (weights={weights!r}); its entries: {sorted(map(str, blob))}")
     return llamagen_to_vqgan(blob[which]), which
 
 
@@ -64,7 +65,7 @@ def _ibq_ema(sd: dict, path) -> dict:
             else:
                 missing.append(ema_key)
     if missing:
-        raise ValueError(f"{path}: EMA weights missing for {len(missing)} keys: {', '.join(missing)}")
+        raise BadFileError(f"{path}: EMA weights missing for {len(missing)} keys: {', '.join(missing)}")
     return out
 
 
@@ -73,15 +74,15 @@ def read_ibq(blob: dict, path: str | Path, weights: str = "auto") -> tuple[dict,
     `path`); auto = EMA where present."""
     sd = blob.get("state_dict")
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint with a 'state_dict'; its entries: {sorted(map(str, blob))}")
+        raise BadFileError(f"{path} is not a Lightning checkpoint with a 'state_dict'; its entries: {sorted(map(str, blob))}")
     if not any(k.startswith(TOKENIZER_PREFIXES) for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
         if weights == "raw":
-            raise ValueError(f"{path} is an IBQ-AR checkpoint: its tokenizer (first_stage_model.*) holds EMA weights only")
+            raise BadFileError(f"{path} is an IBQ-AR checkpoint: its tokenizer (first_stage_model.*) holds EMA weights only")
         n = len("first_stage_model.")
         return {k[n:]: v for k, v in sd.items() if k.startswith("first_stage_model.")}, "first_stage_model"
     has_ema = any(k.startswith("model_ema.") for k in sd)
     if weights == "ema" and not has_ema:
-        raise ValueError(f"{path} has no model_ema.* weights: pass weights=raw")
+        raise BadFileError(f"{path} has no model_ema.* weights: pass weights=raw")
     if weights == "raw" or (weights == "auto" and not has_ema):
         return {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}, "raw"
     ema = _ibq_ema(sd, path)
