@@ -1,4 +1,5 @@
-"""Score the digits quickstart: a sample grid, conditional accuracy, tokenizer PSNR -> a table and summary.json.
+"""Score the digits quickstart: a sample grid, conditional accuracy, tokenizer PSNR and codebook usage -> a table
+and summary.json (which names the tokenizer family).
 
     python scripts/quickstart_eval.py --digits runs/quickstart/digits --samples runs/quickstart/samples/samples.npz \
         --recon runs/quickstart/recon.json --out runs/quickstart --start <unix time the run began>
@@ -79,9 +80,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     grid(samples, sample_y).save(out / "grid.png")
     summary = {
+        "tokenizer_family": recon.get("tokenizer_family", "mgvq"),
         "conditional_accuracy": cond_acc,
         "classifier_accuracy_real": real_acc,
         "tokenizer_psnr": recon["psnr"],
+        "codebook_usage": recon.get("codebook_used"),  # per group (sub-token): share of its codes used, held-out
+        "codes_per_group": recon.get("codes_per_group"),
         "seconds": time.time() - args.start if args.start else None,
         "num_samples": int(len(samples)),
         "per_class_accuracy": per_class,
@@ -95,6 +99,8 @@ def main() -> None:
     rows = [("conditional accuracy (samples, chance 0.10)", f"{cond_acc:.3f}"),
             ("classifier accuracy (held-out real digits)", f"{real_acc:.3f}"),
             (f"tokenizer PSNR (held-out, {recon['num_images']} images)", f"{recon['psnr']:.2f} dB"),
+            (f"{summary['tokenizer_family']} codebook usage per group (held-out)",
+             " ".join(f"{u:.3f}" for u in summary["codebook_usage"] or [])),
             ("samples", f"{len(samples)}"),
             ("wall time", f"{summary['seconds']:.0f} s" if summary["seconds"] else "-")]
     width = max(len(k) for k, _ in rows)

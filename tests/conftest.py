@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden"
@@ -23,6 +24,22 @@ def golden() -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory, repo) -> Path:
+    """64 handwritten digits (16x16 RGB PNGs) as an ImageFolder: the first 64 that scripts/make_digits.py exports."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(repo / "scripts" / "make_digits.py"), "--out", str(out), "--size", "16"],
+                   check=True, capture_output=True, timeout=120)
+    root = tmp_path_factory.mktemp("digits64")
+    for path in sorted((out / "train").rglob("*.png"), key=lambda p: p.name)[:64]:  # names are load_digits indices
+        (root / path.parent.name).mkdir(exist_ok=True)
+        Image.open(path).save(root / path.parent.name / path.name)
+    return root
 
 
 @pytest.fixture

@@ -10,22 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
-from PIL import Image
 from safetensors.torch import load_file
 
 from tokenizer import MGVQ, MGVQConfig, TokenizerRef, load_tokenizer
+from tokenizer.autoencoders import code_counts, reseed_dead_codes
 from tokenizer.common.runs import GlobalBatchSampler
-from tokenizer.losses import LPIPS, charbonnier, hinge_d_loss, hinge_g_loss, l2
 from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
+from tokenizer.losses import LPIPS, charbonnier, hinge_d_loss, hinge_g_loss, l2
+from tokenizer.recipes import LossConfig
 from tokenizer.train import (
     CodebookConfig,
     ImageDataConfig,
     ImageFolderImages,
-    LossConfig,
     TrainTokenizerConfig,
     build_tokenizer,
-    code_counts,
-    reseed_dead_codes,
     train,
 )
 
@@ -38,22 +36,6 @@ TINY = {
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory, repo) -> Path:
-    """64 handwritten digits (16x16 RGB PNGs) as an ImageFolder: the first 64 that scripts/make_digits.py exports."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(repo / "scripts" / "make_digits.py"), "--out", str(out), "--size", "16"],
-                   check=True, capture_output=True, timeout=120)
-    root = tmp_path_factory.mktemp("digits64")
-    for path in sorted((out / "train").rglob("*.png"), key=lambda p: p.name)[:64]:  # names are load_digits indices
-        (root / path.parent.name).mkdir(exist_ok=True)
-        Image.open(path).save(root / path.parent.name / path.name)
-    return root
 
 
 def run_config(root: Path, out_dir: Path, **overrides) -> TrainTokenizerConfig:
@@ -133,7 +115,7 @@ def test_nested_masking_drops_trailing_groups_with_the_configured_probabilities(
     probs = [0.0, 0.2, 0.5, 0.7]
     tok = build_tokenizer(TokenizerRef(config=MGVQConfig.from_dict({**TINY, "codebook_groups": 4})),
                           LossConfig(mask_probs=probs))
-    q = tok.quantize
+    q = tok.tokenizer.quantize
     z = torch.randn(1, 8, 2, 2)
     n, masked = 3000, torch.zeros(4)
     for _ in range(n):
@@ -169,7 +151,9 @@ def test_straight_through_gradient_is_the_identity_on_the_normalised_latent():
 
 def test_code_counts():
     codes = torch.tensor([[[[0, 3], [1, 3]], [[2, 3], [3, 3]]]])  # (1, 2, 2, G=2), K = 4
-    torch.testing.assert_close(code_counts(codes, 4), torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 4]]))
+    torch.testing.assert_close(code_counts(codes, [4, 4]), torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 4]))
+    # Groups of different sizes (Open-MAGVIT2's factorized sub-tokens): each group's codes after the previous ones'.
+    torch.testing.assert_close(code_counts(codes, [4, 2**3]), torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 4, 0, 0, 0, 0]))
 
 
 def test_reseed_replaces_dead_codes_with_encoder_outputs():
@@ -234,7 +218,7 @@ def test_training_lowers_the_loss_and_the_export_round_trips(digits, tmp_path):
     loaded = load_tokenizer(path)
     trained = MGVQ(MGVQConfig.from_dict(TINY))
     state = load_file(out / "checkpoints" / "step_0000030" / "model.safetensors")
-    trained.load_state_dict({k.removeprefix("mgvq."): v for k, v in state.items()})
+    trained.load_state_dict({k.removeprefix("tokenizer."): v for k, v in state.items()})
     trained.eval()
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     codes = trained.encode_codes(x)

@@ -1,14 +1,18 @@
-"""MGVQ tokenizer training with accelerate: reconstruction + VQ losses, nested masking, code re-seeding, EMA, resume.
+"""Tokenizer training with accelerate, for every family, on the official recipe of each (tokenizer/recipes.py).
 
-The recipe of the MGVQ paper: the full 32-channel latent split into G groups, L2-normalised sub-codebooks and a
-straight-through estimator (tokenizer/families/mgvq/quantizer.py), VQ + commitment (beta 0.25) losses, nested masking of
-trailing groups, Charbonnier + L2 reconstruction, optional LPIPS and PatchGAN hinge losses (tokenizer/losses.py).
-Codes whose usage (an EMA of their frequency over all ranks) falls below a threshold are re-seeded from the
-current step's encoder outputs. `train(cfg)` runs the shared skeleton (tokenizer/common/runs.py) and writes
-`<out_dir>/export/tokenizer.pt`, this project's tokenizer file, which `load_tokenizer(path)` reads as it is.
+A family contributes its tokenizer and its quantizer's training forward and auxiliary terms
+(tokenizer/autoencoders.py: MGVQ's groups with nested masking and dead-code re-seeding, LlamaGen's cosine VQ,
+IBQ's index propagation, Open-MAGVIT2's LFQ with its entropy loss); the trainer adds the reconstruction losses
+(L1, Charbonnier, L2), LPIPS, and the PatchGAN with a hinge or non-saturating generator loss and LeCAM
+(tokenizer/losses.py, tokenizer/family_losses.py). Code usage and perplexity per group go to every log line, and a
+run whose usage stays below `codebook.collapse_usage` for `codebook.collapse_lines` lines warns. `train(cfg)` runs
+the shared skeleton (tokenizer/common/runs.py) and writes `<out_dir>/export/tokenizer.pt`, this project's tokenizer
+file, which `load_tokenizer(path, family=...)` reads as it is.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +22,15 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from tokenizer.autoencoders import AUTOENCODERS, Autoencoder, code_counts
 from tokenizer.common.runs import GlobalBatchSampler, RunConfig, Trainer, make_optimizer, make_scheduler
 from tokenizer.data import center_crop_arr, list_images
-from tokenizer.families.mgvq.config import MGVQConfig
-from tokenizer.families.mgvq.model import MGVQ
-from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
+from tokenizer.family_losses import G_LOSSES, LeCAM
 from tokenizer.loading import TokenizerRef, load_tokenizer, save_tokenizer
-from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_loss, hinge_g_loss, l2
+from tokenizer.losses import LPIPS, PatchDiscriminator, charbonnier, hinge_d_loss, l2
+from tokenizer.recipes import LossConfig, resolve_loss, resolve_optimizer
 from tokenizer.recon import codebook_usage
+from tokenizer.registry import get_family
 
 
 @dataclass
@@ -37,34 +42,19 @@ class ImageDataConfig:
 
 
 @dataclass
-class LossConfig:
-    charbonnier_weight: float = 1.0
-    charbonnier_eps: float = 1e-3
-    l2_weight: float = 1.0
-    codebook_weight: float = 1.0  # times (VQ + commitment), each averaged over groups
-    beta: float = 0.25  # commitment weight inside the quantizer
-    mask_probs: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.3, 0.4])  # nested masking, group 0 never
-    perceptual_weight: float = 0.0  # LPIPS; > 0 needs both weight files below
-    lpips_vgg: str | None = None  # torchvision vgg16 state dict (ImageNet weights)
-    lpips_lin: str | None = None  # LPIPS linear layers (the vgg.pth of LlamaGen / MGVQ)
-    disc_weight: float = 0.0  # PatchGAN hinge loss weight; 0 = no discriminator
-    disc_start: int = 20000  # step from which the discriminator trains and the generator sees its loss
-    disc_channels: int = 64
-    disc_layers: int = 3
-    disc_lr: float | None = None  # None = the generator's lr
-
-
-@dataclass
 class CodebookConfig:
     usage_decay: float = 0.99  # EMA of each code's frequency (all ranks), kept in quantize.embed_prob
     reseed_every: int = 100  # steps between re-seedings of dead codes; 0 = never
     reseed_until: int | None = None  # last step that re-seeds (None = to the end); EMA weights settle after it
     reseed_threshold: float = 0.03  # a code is dead when its frequency EMA is below this fraction of 1/K
+    collapse_usage: float = 0.01  # warn when a group uses less than this share of its codes in a log window ...
+    collapse_lines: int = 3  # ... for this many log lines in a row; 0 = never warn
 
 
 @dataclass(kw_only=True)
 class TrainTokenizerConfig(RunConfig):
-    """The run's fields (out_dir, lr, precision, ema, resume, ... in RunConfig) and the tokenizer's own.
+    """The run's fields (out_dir, precision, resume, ... in RunConfig) and the tokenizer's own. The loss and the
+    optimizer fields below default to None: the family's official recipe (tokenizer/recipes.py).
     grad_accum must stay 1 (re-seeding and code statistics work on whole steps)."""
 
     data: ImageDataConfig
@@ -73,6 +63,17 @@ class TrainTokenizerConfig(RunConfig):
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     max_steps: int | None = 100000
     global_batch_size: int = 128  # = per-process batch * num_processes
+    lr: float | None = None
+    betas: list[float] | None = None
+    weight_decay: float | None = None  # 0 = Adam
+    grad_clip: float | None = None  # 0 = no clipping
+    ema: float | None = None
+
+
+def resolve(cfg: TrainTokenizerConfig) -> TrainTokenizerConfig:
+    """The config with every None of the loss and optimizer taken from the tokenizer family's recipe."""
+    family = cfg.tokenizer.family
+    return dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, family), **resolve_optimizer(cfg, family))
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -107,176 +108,179 @@ class ImageFolderImages(Dataset):
         return x.flip(-1) if flip else x
 
 
-# ---- model pieces ------------------------------------------------------------------------------------------
-
-class AutoencoderStep(nn.Module):
-    """The training forward in one module (so DDP sees it): image -> (recon, quantizer output, latent)."""
-
-    def __init__(self, mgvq: MGVQ):
-        super().__init__()
-        self.mgvq = mgvq
-
-    def forward(self, x: torch.Tensor):
-        z = self.mgvq.encode(x)  # (B, C, h, w) pre-quantization latent
-        q = self.mgvq.quantize(z)
-        return self.mgvq.decode(q.z_q), q, z.detach()
-
-
-def code_counts(codes: torch.Tensor, codes_per_group: int) -> torch.Tensor:
-    """How often each code was chosen: codes (..., G) -> (G, K) float counts."""
-    G = codes.shape[-1]
-    flat = codes.reshape(-1, G) + torch.arange(G, device=codes.device) * codes_per_group
-    return torch.bincount(flat.flatten(), minlength=G * codes_per_group).view(G, codes_per_group).float()
-
-
-@torch.no_grad()
-def reseed_dead_codes(quantizer: MultiGroupQuantizer, latents: torch.Tensor, threshold: float,
-                      generator: torch.Generator) -> list[int]:
-    """Replace every code whose usage EMA (`quantizer.embed_prob`, (G, K)) is below threshold / K.
-
-    A dead code of group g takes the L2-normalised group-g sub-vector of a randomly chosen pixel of `latents`
-    (B, C, h, w), so it lands where the encoder's outputs are; its usage EMA restarts at 1/K, which gives
-    it time to be chosen before it can be judged again. Returns how many codes were replaced per group.
-    Call it with the same latents and generator state on every rank (the replacement is then identical).
-    """
-    G, K = quantizer.groups, quantizer.codes_per_group
-    zn = quantizer._split(latents).reshape(-1, G, quantizer.group_dim)  # (N, G, d) unit vectors
-    weight, usage = quantizer.embedding.weight, quantizer.embed_prob
-    replaced = []
-    for g in range(G):
-        dead = torch.nonzero(usage[g] < threshold / K).flatten()
-        if len(dead):
-            n = len(dead)
-            # Distinct pixels while there are enough of them.
-            pick = torch.randperm(len(zn), generator=generator)[:n] if n <= len(zn) else \
-                torch.randint(len(zn), (n,), generator=generator)
-            weight[g * K + dead] = zn[pick.to(zn.device), g].to(weight.dtype)
-            usage[g, dead] = 1.0 / K
-        replaced.append(len(dead))
-    return replaced
-
-
 # ---- training ----------------------------------------------------------------------------------------------
 
-def build_tokenizer(ref: TokenizerRef, loss: LossConfig) -> MGVQ:
-    """A trainable MGVQ of the reference's architecture, from `ref.checkpoint` when given, else randomly
-    initialised, its quantizer set to the loss config's commitment weight and nested-masking probabilities."""
+def build_tokenizer(ref: TokenizerRef, loss: LossConfig) -> Autoencoder:
+    """The trainable tokenizer of the reference's family and architecture inside its family's training forward:
+    from `ref.checkpoint` when given, else randomly initialised; `loss` None fields come from the recipe."""
     if ref.config is None:
         raise ValueError("tokenizer.config is required to train a tokenizer: pick a preset, e.g. tokenizer=digits")
-    arch = MGVQConfig.from_dict(ref.config.to_dict())
-    model = MGVQ(arch)
+    family = get_family(ref.family)
+    arch = family.config_cls.from_dict(ref.config.to_dict())
+    model = family.model_cls(arch)
     if ref.checkpoint:
-        model.load_state_dict(load_tokenizer(ref.checkpoint, arch).state_dict())
-    model.quantize.beta = loss.beta
-    model.quantize.mask_probs = tuple(loss.mask_probs[: arch.codebook_groups])  # validated by the quantizer
-    return model.train().requires_grad_(True)
+        model.load_state_dict(load_tokenizer(ref.checkpoint, arch, ref.family, ref.weights).state_dict())
+    return AUTOENCODERS[ref.family](model.train().requires_grad_(True), resolve_loss(loss, ref.family))
+
+
+class Adversary:
+    """The PatchGAN, its optimizer, LeCAM, and the generator / discriminator losses of the recipe."""
+
+    def __init__(self, cfg: TrainTokenizerConfig, trainer: Trainer, disc: nn.Module, disc_opt, lecam: LeCAM | None):
+        self.cfg, self.trainer, self.disc, self.disc_opt, self.lecam = cfg, trainer, disc, disc_opt, lecam
+        self.g_loss = G_LOSSES[cfg.loss.g_loss]
+
+    def generator_loss(self, recon: torch.Tensor) -> torch.Tensor:
+        return self.g_loss(self.disc(recon))
+
+    def step(self, x: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One discriminator step on real images and detached reconstructions; returns its terms."""
+        acc, lc = self.trainer.accelerator, self.cfg.loss
+        self.disc_opt.zero_grad(set_to_none=True)  # the generator's loss reached it too
+        with acc.autocast():
+            real, fake = self.disc(x), self.disc(recon.detach())
+            terms = {"d_hinge": hinge_d_loss(real, fake)}
+            d_loss = terms["d_hinge"]
+            if self.lecam is not None:  # the EMAs follow the whole step's mean logits, whatever the process count
+                means = acc.reduce(torch.stack([real.detach().float().mean(), fake.detach().float().mean()]), "mean")
+                terms["lecam"] = self.lecam(real, fake, means)
+                d_loss = d_loss + lc.lecam_weight * terms["lecam"]
+            terms["d_loss"] = lc.disc_loss_weight * d_loss
+        acc.backward(terms["d_loss"])
+        if lc.disc_grad_clip:
+            acc.clip_grad_norm_(self.disc.parameters(), lc.disc_grad_clip)
+        self.disc_opt.step()
+        self.disc_opt.zero_grad(set_to_none=True)
+        return terms
 
 
 class TokenizerStep:
-    """One optimizer step: reconstruction, VQ and optional LPIPS / adversarial losses, then the discriminator's
-    step, the code-usage EMA over all ranks and, every `reseed_every` steps, the re-seeding of dead codes."""
+    """One optimizer step: reconstruction, the family's quantizer terms, optional LPIPS / adversarial losses, then
+    the discriminator's step, the code counts over all ranks and the family's codebook maintenance."""
 
     def __init__(self, cfg: TrainTokenizerConfig, trainer: Trainer, batches, model, optimizer, scheduler,
-                 lpips: LPIPS | None, disc: nn.Module | None, disc_opt):
+                 lpips: LPIPS | None, adversary: Adversary | None):
         self.cfg, self.trainer, self.batches = cfg, trainer, batches
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.lpips, self.disc, self.disc_opt = lpips, disc, disc_opt
-        self.mgvq = trainer.accelerator.unwrap_model(model).mgvq
+        self.lpips, self.adversary = lpips, adversary
+        self.autoencoder: Autoencoder = trainer.accelerator.unwrap_model(model)
 
     def losses(self, x: torch.Tensor, use_disc: bool):
         lc = self.cfg.loss
-        recon, q, z = self.model(x)
-        terms = {"charbonnier": charbonnier(recon, x, lc.charbonnier_eps), "l2": l2(recon, x),
-                 "vq": q.vq_loss.mean(), "commit": q.commit_loss.mean()}
-        loss = (lc.charbonnier_weight * terms["charbonnier"] + lc.l2_weight * terms["l2"]
-                + lc.codebook_weight * (terms["vq"] + terms["commit"]))
+        recon, codes, terms, z = self.model(x)
+        loss = self.autoencoder.aux_loss(terms)
+        reconstruction = (("l1", lc.l1_weight, lambda: (recon.float() - x.float()).abs().mean()),
+                          ("charbonnier", lc.charbonnier_weight, lambda: charbonnier(recon, x, lc.charbonnier_eps)),
+                          ("l2", lc.l2_weight, lambda: l2(recon, x)))
+        for name, weight, fn in reconstruction:
+            if weight:
+                terms[name] = fn()
+                loss = loss + weight * terms[name]
         if self.lpips is not None:
             terms["lpips"] = self.lpips(recon, x).mean()
             loss = loss + lc.perceptual_weight * terms["lpips"]
         if use_disc:
-            terms["g_adv"] = hinge_g_loss(self.disc(recon))
+            terms["g_adv"] = self.adversary.generator_loss(recon)
             loss = loss + lc.disc_weight * terms["g_adv"]
-        return loss, terms, recon, q, z
+        return loss, terms, recon, codes, z
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        cfg, acc, lc, cc = self.cfg, self.trainer.accelerator, self.cfg.loss, self.cfg.codebook
+        cfg, acc = self.cfg, self.trainer.accelerator
         step = self.trainer.step  # steps done before this one
         x = next(self.batches).to(acc.device, non_blocking=True)  # (B, 3, S, S) in [-1, 1]
-        use_disc = self.disc is not None and step >= lc.disc_start
+        use_disc = self.adversary is not None and step >= cfg.loss.disc_start
         with acc.autocast():
-            loss, terms, recon, q, z = self.losses(x, use_disc)
+            loss, terms, recon, codes, z = self.losses(x, use_disc)
         acc.backward(loss)
         grad_norm = self.trainer.apply_gradients(self.model, self.optimizer, self.scheduler, loss)
         if use_disc:
-            self.disc_opt.zero_grad(set_to_none=True)  # the generator's loss reached it too
-            with acc.autocast():
-                terms["d_loss"] = lc.disc_weight * hinge_d_loss(self.disc(x), self.disc(recon.detach()))
-            acc.backward(terms["d_loss"])
-            self.disc_opt.step()
-            self.disc_opt.zero_grad(set_to_none=True)
-
-        # Code usage over all ranks: the EMA that decides re-seeding, and the counts for the log.
-        K = self.mgvq.quantize.codes_per_group
-        counts = acc.reduce(code_counts(q.codes, K), reduction="sum")  # (G, K)
-        self.mgvq.quantize.embed_prob.lerp_(counts / counts.sum(dim=1, keepdim=True), 1 - cc.usage_decay)
-        reseeded = torch.zeros(counts.shape[0], device=acc.device)
-        done = step + 1
-        if cc.reseed_every and done % cc.reseed_every == 0 and (cc.reseed_until is None or done <= cc.reseed_until):
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + done)  # the same on every rank
-            reseeded += torch.tensor(reseed_dead_codes(self.mgvq.quantize, acc.gather(z), cc.reseed_threshold,
-                                                       generator), device=acc.device)
-        return {"loss": loss, **terms, "grad_norm": grad_norm, "code_counts": counts, "reseeded": reseeded}
+            terms.update(self.adversary.step(x, recon))
+        counts = acc.reduce(code_counts(codes, self.autoencoder.group_sizes), reduction="sum")  # all ranks
+        extra = self.autoencoder.after_step(acc, counts, z, step + 1, cfg.codebook, cfg.seed)
+        return {"loss": loss, **terms, "grad_norm": grad_norm, "code_counts": counts, **extra}
 
 
-def describe(record: dict, means: dict, steps: int, seconds: float, global_batch: int) -> dict:
-    """A log line: every loss term, per-group code usage and perplexity, codes re-seeded, images/s."""
-    counts, reseeded = means.pop("code_counts"), means.pop("reseeded")
-    used, perplexity = codebook_usage(counts)  # scale-free: means of counts serve as counts
-    return {**record, **{k: float(v) for k, v in means.items()}, "code_usage": used, "perplexity": perplexity,
-            "reseeded": [round(float(r) * steps) for r in reseeded], "images_per_s": steps * global_batch / seconds}
+class CollapseWatch:
+    """Warns when some group's code usage stays below `share` for `lines` log lines in a row, naming the step."""
+
+    def __init__(self, share: float, lines: int):
+        self.share, self.lines, self.run = share, lines, 0
+
+    def update(self, step: int, usage: list[float]) -> str | None:
+        low = [g for g, u in enumerate(usage) if u < self.share]
+        self.run = self.run + 1 if low and self.lines else 0
+        if self.run < self.lines or not self.lines:
+            return None
+        return (f"codebook collapse at step {step}: group(s) {low} used {[round(usage[g], 4) for g in low]} of their "
+                f"codes for {self.run} log lines in a row (below codebook.collapse_usage={self.share})")
+
+
+def describe(record: dict, means: dict, steps: int, seconds: float, global_batch: int, sizes: list[int],
+             watch: CollapseWatch | None = None) -> dict:
+    """A log line: every loss term, per group the distinct codes used in the window (`codes_used`, and as a share
+    of the group's codes, `code_usage`) and the perplexity, codes re-seeded (MGVQ), images/s; a collapse warning
+    when `watch` says so."""
+    groups = means.pop("code_counts").split(sizes)
+    usage = [codebook_usage(part[None]) for part in groups]  # scale-free: means of counts serve as counts
+    used, perplexity = [u[0][0] for u in usage], [u[1][0] for u in usage]
+    extra = {"reseeded": [round(float(r) * steps) for r in means.pop("reseeded")]} if "reseeded" in means else {}
+    line = {**record, **{k: float(v) for k, v in means.items()}, "codes_used": [int((g > 0).sum()) for g in groups],
+            "code_usage": used, "perplexity": perplexity, **extra, "images_per_s": steps * global_batch / seconds}
+    message = watch.update(record["step"], used) if watch is not None else None
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return line
 
 
 def train(cfg: TrainTokenizerConfig) -> Path:
     """Train a tokenizer on the images under `cfg.data.root`; returns the exported tokenizer file."""
+    cfg = resolve(cfg)
     if cfg.grad_accum != 1:
         raise ValueError(f"grad_accum={cfg.grad_accum}: tokenizer training steps whole batches (set grad_accum=1)")
     trainer = Trainer(cfg)
     acc, lc = trainer.accelerator, cfg.loss
     dataset = ImageFolderImages(cfg.data.root, cfg.data.image_size, cfg.seed, cfg.data.hflip)
-    mgvq = build_tokenizer(cfg.tokenizer, cfg.loss)
-    if cfg.data.image_size % mgvq.downsample:
+    model = build_tokenizer(cfg.tokenizer, cfg.loss)
+    tokenizer = model.tokenizer
+    if cfg.data.image_size % tokenizer.downsample:
         raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of the tokenizer's "
-                         f"downsampling {mgvq.downsample}")
+                         f"downsampling {tokenizer.downsample}")
     sampler = GlobalBatchSampler(dataset.epoch_plan, len(dataset), cfg.global_batch_size, 1, acc.process_index,
                                  acc.num_processes)
-    trainer.check_resume({"tokenizer": mgvq.config.to_dict(), "global_batch_size": cfg.global_batch_size,
-                          "seed": cfg.seed, "image_size": cfg.data.image_size, "hflip": cfg.data.hflip})
+    trainer.check_resume({"tokenizer": tokenizer.config.to_dict(), "family": cfg.tokenizer.family,
+                          "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
+                          "image_size": cfg.data.image_size, "hflip": cfg.data.hflip})
 
     lpips = LPIPS(lc.lpips_vgg, lc.lpips_lin).to(acc.device) if lc.perceptual_weight > 0 else None
-    model = AutoencoderStep(mgvq)
     optimizer = make_optimizer(model, cfg, no_decay=("quantize.embedding.weight",))  # codes are compared by angle
-    disc = disc_opt = None
+    gan, lecam = [], None
     if lc.disc_weight > 0:
         disc = PatchDiscriminator(lc.disc_channels, lc.disc_layers)
-        disc_opt = make_optimizer(disc, cfg, lr=lc.disc_lr or cfg.lr)
+        gan = [disc, make_optimizer(disc, cfg, lr=lc.disc_lr or cfg.lr)]
+        if lc.lecam_weight > 0:
+            lecam = LeCAM(lc.lecam_decay).to(acc.device)
+            acc.register_for_checkpointing(lecam)
     model, optimizer, scheduler, *gan = trainer.prepare(model, optimizer, make_scheduler(optimizer, cfg, cfg.max_steps),
-                                                        *([disc, disc_opt] if disc is not None else []), ema_of=mgvq)
+                                                        *gan, ema_of=tokenizer)
     sampler.start_step = trainer.step
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=acc.device.type == "cuda", generator=torch.Generator())
-    acc.print(f"training a {sum(p.numel() for p in mgvq.parameters()) / 1e6:.2f}M-parameter tokenizer for "
-              f"{cfg.max_steps} steps from step {trainer.step} on {acc.num_processes} process(es), {len(dataset)} "
-              f"images, {sampler.steps_per_epoch} steps per epoch")
+    acc.print(f"training a {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M-parameter "
+              f"{cfg.tokenizer.family} tokenizer for {cfg.max_steps} steps from step {trainer.step} on "
+              f"{acc.num_processes} process(es), {len(dataset)} images, {sampler.steps_per_epoch} steps per epoch")
     batches = iter(loader)
-    step_fn = TokenizerStep(cfg, trainer, batches, model, optimizer, scheduler, lpips, *(gan or [None, None]))
-    trainer.run(cfg.max_steps, step_fn, ema_source=step_fn.mgvq, lr=lambda: scheduler.get_last_lr()[0],
-                describe=lambda r, m, n, s: describe(r, m, n, s, cfg.global_batch_size),
+    adversary = Adversary(cfg, trainer, *gan, lecam) if gan else None
+    step_fn = TokenizerStep(cfg, trainer, batches, model, optimizer, scheduler, lpips, adversary)
+    watch = CollapseWatch(cfg.codebook.collapse_usage, cfg.codebook.collapse_lines)
+    sizes = step_fn.autoencoder.group_sizes
+    trainer.run(cfg.max_steps, step_fn, ema_source=tokenizer, lr=lambda: scheduler.get_last_lr()[0],
+                describe=lambda r, m, n, s: describe(r, m, n, s, cfg.global_batch_size, sizes, watch),
                 state=lambda step: {"epoch": sampler.position(step)[0]}, desc="train tokenizer")
     del batches  # shuts the loader's workers down
 
     path = trainer.out_dir / "export" / "tokenizer.pt"
     if acc.is_main_process:
-        save_tokenizer((trainer.ema.model if trainer.ema is not None else step_fn.mgvq).cpu(), path)
+        save_tokenizer((trainer.ema.model if trainer.ema is not None else tokenizer).cpu(), path)
         acc.print(f"tokenizer ({'EMA' if trainer.ema is not None else 'trained'} weights) written to {path}")
     acc.wait_for_everyone()
     trainer.end()

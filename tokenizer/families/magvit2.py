@@ -29,6 +29,9 @@ EPS = 1e-6
 PRESETS = {
     "open-magvit2-f16": {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
     "open-magvit2-f8": {"ch": 128, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
+    # The quickstart's: 16x16 digits -> 4x4 codes of 16 bits, two 256-code sub-tokens.
+    "open-magvit2-digits": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 16,
+                            "factorized_bits": [8, 8]},
 }
 RELEASED_FACTORIZED_BITS = [6, 12]
 
@@ -291,7 +294,7 @@ class OpenMagvit2(CodeTokenizer):
         return lfq_grid_latent(codes, self.config, groups_to_use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (no straight-through estimator: this project does not train this family)."""
+        """Reconstruction through the codes (no gradient: training goes through tokenizer/autoencoders.py)."""
         return self.decode(self.latent_of(self.codes_of(self.encode(x))))
 
     def codebook(self) -> None:

@@ -90,6 +90,11 @@ PRESETS = {
     "llamagen-vq16": {**_LLAMAGEN, "codebook_size": 16384, "ch_mult": [1, 1, 2, 2, 4], "attn_levels": [4]},
     "llamagen-vq8": {**_LLAMAGEN, "codebook_size": 16384, "ch_mult": [1, 2, 2, 4], "attn_levels": [3]},
     **{f"ibq-{n}": {**_IBQ, "codebook_size": n} for n in (1024, 8192, 16384, 262144)},
+    # The quickstart's: 16x16 digits -> 4x4 codes of one 1024-code book (f4, one block per level).
+    "llamagen-vq-digits": {**_LLAMAGEN, "codebook_size": 1024, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
+                           "attn_levels": [], "z_channels": 32},
+    "ibq-digits": {**_IBQ, "codebook_size": 1024, "codebook_dim": 32, "ch": 32, "ch_mult": [1, 2, 2],
+                   "num_res_blocks": 1, "attn_levels": [], "z_channels": 32},
 }
 
 
