@@ -124,35 +124,43 @@ def _key_layout(keys) -> set[str]:
     return {re.sub(r"\.\d+(?=\.)", ".#", k) for k in keys}
 
 
+def _preset_fit(blob: dict, path, ref: TokenizerRef) -> str | None:
+    """How the official file contents `blob` fit preset `ref`: "exact" (keys and shapes), "layout" (the same
+    keys up to block counts) or None (its family's reader refuses them, or other keys)."""
+    fam = get_family(ref.family)
+    try:
+        state_dict, _ = fam.read_official(blob, path, "auto")
+    except (ValueError, KeyError, RuntimeError):
+        return None
+    with torch.device("meta"):
+        want = fam.model_cls(ref.config).state_dict()
+    if state_dict.keys() == want.keys() and all(state_dict[k].shape == v.shape for k, v in want.items()):
+        return "exact"
+    return "layout" if _key_layout(state_dict) == _key_layout(want) else None
+
+
 def fitting_families(blob: dict, path, but: str) -> list[str]:
     """The families other than `but` whose official reader takes the file contents `blob` and one of whose presets
     has exactly its key layout: the families the file belongs to (empty when none)."""
     fits = []
     for ref in named_refs().values():
-        if ref.family == but or ref.family in fits:
-            continue
-        try:
-            state_dict, _ = get_family(ref.family).read_official(blob, path, "auto")
-        except (ValueError, KeyError, RuntimeError):
-            continue
-        with torch.device("meta"):
-            model = get_family(ref.family).model_cls(ref.config)
-        if _key_layout(state_dict) == _key_layout(model.state_dict()):
+        if ref.family != but and ref.family not in fits and _preset_fit(blob, path, ref):
             fits.append(ref.family)
     return fits
 
 
 def _other_family_hint(blob: dict, path, family: str) -> LayoutError | None:
     """The error for an official file of another family than `family`, naming the family whose layout it has and
-    its presets; None when it fits none or is this project's file, which names its family (the first error then
-    stands)."""
+    its presets (first the ones whose shapes it fits exactly); None when it fits none or is this project's file,
+    which names its family (the first error then stands)."""
     fits = [] if is_project_file(blob) else fitting_families(blob, path, family)
     if not fits:
         return None
-    presets = sorted(n for n, ref in named_refs().items() if ref.family in fits)
+    refs = {n: ref for n, ref in sorted(named_refs().items()) if ref.family in fits}
+    presets = sorted(refs, key=lambda n: _preset_fit(blob, path, refs[n]) != "exact")  # exact fits first
     return LayoutError(f"{path} is not a {family!r} tokenizer file: its weights have the layout of family "
-                       f"{' or '.join(map(repr, fits))}. Pass tokenizer={presets[0]} (family {fits[0]}; presets "
-                       f"{presets}) instead of family={family!r}")
+                       f"{' or '.join(map(repr, fits))}. Pass tokenizer={presets[0]} (family {refs[presets[0]].family}; "
+                       f"presets {sorted(presets)}) instead of family={family!r}")
 
 
 def save_tokenizer(model: torch.nn.Module, path: str | os.PathLike) -> None:
