@@ -316,10 +316,11 @@ def test_hydra_full_error_shows_the_traceback_and_unexpected_errors_keep_theirs(
     full = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "num_samples=0" in full.stderr
-    bug = ("import sys; sys.path.insert(0, 'scripts'); import _hydra; from sampling.metrics import EvalConfig\n"
+    bug = ("import _hydra; from sampling.metrics import EvalConfig\n"
            "_hydra.main('evaluate', EvalConfig, lambda cfg: 1 / 0)")
     crash = subprocess.run([sys.executable, "-c", bug, "samples=s.npz", "reference=r.npz"], cwd=repo,
                            capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "scripts")]),
+                                "OMP_NUM_THREADS": "1"})
     assert crash.returncode == 1 and "Traceback" in crash.stderr and "ZeroDivisionError" in crash.stderr
     assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)

@@ -113,8 +113,7 @@ def test_missing_truncated_and_foreign_files_fail_before_sampling(release, tmp_p
         zoo.check_files(entry, zoo.model_files(entry, tmp_path))
 
 
-LAUNCH = """import json, runpy, sys
-sys.path.insert(0, {scripts!r})
+LAUNCH = """import json, runpy
 from sampling import zoo
 kw = json.load(open({entry!r}))
 kw["published"] = zoo.Published(**kw["published"])
@@ -134,7 +133,7 @@ def launcher(repo, tmp_path, entry: ZooEntry, script: str):
 
 def test_zoo_run_on_two_ranks_then_scored_beside_the_published_numbers(release, repo, tmp_path, inception_weights):
     entry, ckpt_dir, _ = release
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "scripts")])}
     out = tmp_path / "samples"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -172,7 +171,7 @@ def test_zoo_run_on_two_ranks_then_scored_beside_the_published_numbers(release, 
 def test_unknown_zoo_name_on_the_command_line(repo, tmp_path):
     cmd = [sys.executable, str(repo / "scripts" / "sample_c2i_ddp.py"), "zoo=ibq-ar-m", f"ckpt_dir={tmp_path}",
            f"out_dir={tmp_path / 'out'}"]
-    result = subprocess.run(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True,
+    result = subprocess.run(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "scripts")])}, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0
     assert "unknown zoo model 'ibq-ar-m'" in result.stderr and "ibq-ar-b, ibq-ar-l" in result.stderr
