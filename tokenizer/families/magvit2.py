@@ -29,9 +29,10 @@ EPS = 1e-6
 PRESETS = {
     "open-magvit2-f16": {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
     "open-magvit2-f8": {"ch": 128, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 4, "z_channels": 18},
-    # The quickstart's: 16x16 digits -> 4x4 codes of 16 bits, two 256-code sub-tokens.
-    "open-magvit2-digits": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 16,
-                            "factorized_bits": [8, 8]},
+    # The quickstart's: 16x16 digits -> 4x4 codes of 18 bits, two 512-code sub-tokens (16 bits, two 256-code
+    # sub-tokens, gave 23.6 dB held-out PSNR after 600 steps; the quickstart asks for 24).
+    "open-magvit2-digits": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 18,
+                            "factorized_bits": [9, 9]},
 }
 RELEASED_FACTORIZED_BITS = [6, 12]
 
