@@ -189,6 +189,7 @@ class TokenizerStep:
         step = self.trainer.step  # steps done before this one
         x = next(self.batches).to(acc.device, non_blocking=True)  # (B, 3, S, S) in [-1, 1]
         use_disc = self.adversary is not None and step >= cfg.loss.disc_start
+        self.autoencoder.before_step(step)
         with acc.autocast():
             loss, terms, recon, codes, z = self.losses(x, use_disc)
         acc.backward(loss)
