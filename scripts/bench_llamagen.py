@@ -60,7 +60,7 @@ import make_digits
 from gpt.config import GPTConfig
 from gpt.loading import load_gpt
 from gpt.model import GPT
-from gpt.train import GPTStep, TrainConfig
+from gpt.train import CodeDataConfig, GPTStep, TrainConfig
 from tokenizer import MGVQ, MGVQConfig, TokenizerRef, VQGANConfig, load_tokenizer
 from tokenizer.common.runs import MetricWindow, Trainer, make_optimizer, make_scheduler
 from tokenizer.extract import ExtractConfig, ExtractDataConfig, extract
@@ -331,10 +331,10 @@ class _Quiet:
 class OurStep:
     """gpt.train's step as train() runs it: GPTStep, then the Trainer's EMA update and metric window."""
 
-    def __init__(self, weights: dict, config, precision: str, out_dir: Path):
+    def __init__(self, weights: dict, config, precision: str, out_dir: Path, batch_size: int):
         AcceleratorState._reset_state(True)
-        cfg = TrainConfig(data=None, model=config, tokenizer=None, out_dir=str(out_dir), precision=precision,
-                          ema=0.9999, global_batch_size=0, log_every=10**9, ckpt_every=10**9)
+        cfg = TrainConfig(data=CodeDataConfig(codes_dir="(synthetic)"), model=config, tokenizer=None, out_dir=str(out_dir), precision=precision,
+                          ema=0.9999, global_batch_size=batch_size, log_every=10**9, ckpt_every=10**9)
         self.trainer = trainer = Trainer(cfg)
         model = GPT(config)
         model.load_state_dict(weights)
@@ -377,7 +377,8 @@ def check_losses(gpt_module, ema_module, precision: str, batches, tmp: Path, n_l
     theirs_model = llamagen_model(gpt_module, 0.0, 0, n_layer)
     theirs_model.cls_embedding.dropout_prob = 0.0  # label dropout off (at 0 from the start its table has no null row)
     config = our_config(0.0, n_layer)
-    ours = OurStep(our_weights(theirs_model, config, tmp), config, precision, tmp / f"check_{precision}")
+    ours = OurStep(our_weights(theirs_model, config, tmp), config, precision, tmp / f"check_{precision}",
+                   len(batches[0][0]))
     theirs = LlamaGenStep(theirs_model, precision, ema_module)
     pairs = [(theirs(x, y), float(ours(x, y))) for x, y in batches[:2]]
     if pairs[0][0] != pairs[0][1]:
@@ -400,7 +401,8 @@ def bench_train(args: argparse.Namespace) -> None:
             print(check_losses(gpt_module, ema_module, precision, batches, tmp, args.n_layer), flush=True)
             theirs_model = llamagen_model(gpt_module, 0.1, 0, args.n_layer)
             config = our_config(0.1, args.n_layer)
-            ours = OurStep(our_weights(theirs_model, config, tmp), config, precision, tmp / f"run_{precision}")
+            ours = OurStep(our_weights(theirs_model, config, tmp), config, precision, tmp / f"run_{precision}",
+                           args.batch_size)
             theirs = LlamaGenStep(theirs_model, precision, ema_module)
             seconds = {"llamagen": [], "ours": []}
             for i in range(args.warmup + args.steps):

@@ -6,8 +6,8 @@
 #   QUICKSTART_TOKENIZER=open_magvit2 bash scripts/quickstart.sh   # another family: runs/quickstart-open_magvit2/
 #
 # Rerunning resumes every stage from what is on disk; `rm -rf runs/quickstart` starts over.
-# Environment: QUICKSTART_TOKENIZER (mgvq | llamagen_vq | ibq | open_magvit2, default mgvq), QUICKSTART_OUT (default
-# runs/quickstart, runs/quickstart-<family> for the others), QUICKSTART_PORT (torch.distributed port, default 29731).
+# Environment: QUICKSTART_TOKENIZER (mgvq | llamagen_vq | ibq | open_magvit2 | mergevq, default mgvq), QUICKSTART_OUT
+# (default runs/quickstart, runs/quickstart-<family> for the others), QUICKSTART_PORT (torch.distributed port, default 29731).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -16,6 +16,7 @@ FAMILY=${QUICKSTART_TOKENIZER:-mgvq}
 # LPIPS needs weight files, and the GAN and SEED-Voken's EMA 0.999 more than these 600 steps: all three off here)
 # and the GPT's head and input.
 NO_PERCEPTUAL_GAN=(loss.perceptual_weight=0 loss.disc_weight=0 ema=0)
+FULL_K=()  # MergeVQ: the tokenizer setting of extraction and PSNR (all tokens, no merging)
 case "$FAMILY" in
     mgvq) PRESET=digits; TOKENIZER_ARGS=(); GPT_ARGS=(); HEAD="AR head over the 4 groups" ;;
     llamagen_vq) PRESET=llamagen-vq-digits; TOKENIZER_ARGS=("${NO_PERCEPTUAL_GAN[@]}")
@@ -26,7 +27,11 @@ case "$FAMILY" in
     open_magvit2) PRESET=open-magvit2-digits  # 1000 steps, cosine: 600 gave 24.0 dB held-out
         TOKENIZER_ARGS=("${NO_PERCEPTUAL_GAN[@]}" max_steps=1000 lr_schedule=cosine)  # the factorized head, as
         GPT_ARGS=(model.head=factorized model.input_embedding=learned); HEAD="factorized head, 2 x 512 sub-tokens" ;;
-    *) echo "QUICKSTART_TOKENIZER=$FAMILY: expected mgvq, llamagen_vq, ibq or open_magvit2" >&2; exit 2 ;;
+    mergevq) PRESET=mergevq-digits  # no DINOv2 teacher here: no distillation; codes of all 16 tokens, as MergeVQ's
+        TOKENIZER_ARGS=("${NO_PERCEPTUAL_GAN[@]}" loss.distill_weight=0)  # stage 2 (merge_num 0); PSNR at K = 9 too
+        FULL_K=(tokenizer.config.merge_num=0)
+        GPT_ARGS=(model.head=factorized model.input_embedding=learned); HEAD="factorized head, 2 x 256 sub-tokens" ;;
+    *) echo "QUICKSTART_TOKENIZER=$FAMILY: expected mgvq, llamagen_vq, ibq, open_magvit2 or mergevq" >&2; exit 2 ;;
 esac
 DEFAULT_OUT=runs/quickstart
 [ "$FAMILY" = mgvq ] || DEFAULT_OUT=runs/quickstart-$FAMILY
@@ -52,8 +57,8 @@ stage "2/7 tokenizer: $FAMILY ($PRESET), 4x4 grid (2 processes)"
     data.root="$OUT/digits/train" out_dir="$OUT/tokenizer"
 
 stage "3/7 codes: the training digits -> code store"
-"$PY" scripts/extract_codes.py tokenizer="$PRESET" tokenizer.checkpoint="$TOKENIZER" data.root="$OUT/digits/train" \
-    data.image_size=16 data.views=plain out_dir="$OUT/codes" batch_size=256 num_workers=0
+"$PY" scripts/extract_codes.py tokenizer="$PRESET" "${FULL_K[@]}" tokenizer.checkpoint="$TOKENIZER" \
+    data.root="$OUT/digits/train" data.image_size=16 data.views=plain out_dir="$OUT/codes" batch_size=256 num_workers=0
 
 stage "4/7 GPT: class-conditional, $HEAD (2 processes)"
 "${LAUNCH[@]}" scripts/train_gpt.py model=digits data.codes_dir="$OUT/codes" data.augment=false data.num_workers=0 \
@@ -66,9 +71,15 @@ stage "5/7 samples: 500 images (50 per class) with classifier-free guidance 1.5 
     gpt_ckpt="$OUT/gpt/export/model.pt" sampler.cfg_scale=1.5 num_samples=500 batch_size=50 out_dir="$OUT/samples"
 
 stage "6/7 tokenizer PSNR on the held-out digits"
-"$PY" scripts/eval_recon.py tokenizer="$PRESET" tokenizer.checkpoint="$TOKENIZER" data.root="$OUT/digits/val" \
-    data.image_size=16 batch_size=128 num_workers=0 out="$OUT/recon.json"
+"$PY" scripts/eval_recon.py tokenizer="$PRESET" "${FULL_K[@]}" tokenizer.checkpoint="$TOKENIZER" \
+    data.root="$OUT/digits/val" data.image_size=16 batch_size=128 num_workers=0 out="$OUT/recon.json"
+MERGED=()
+if [ "$FAMILY" = mergevq ]; then  # and at the preset's K (merge_num 7: 9 of the 16 tokens)
+    "$PY" scripts/eval_recon.py tokenizer="$PRESET" tokenizer.checkpoint="$TOKENIZER" data.root="$OUT/digits/val" \
+        data.image_size=16 batch_size=128 num_workers=0 out="$OUT/recon_merged.json"
+    MERGED=(--recon-merged "$OUT/recon_merged.json")
+fi
 
 stage "7/7 evaluation: sample grid, conditional accuracy"
 "$PY" scripts/quickstart_eval.py --digits "$OUT/digits" --samples "$OUT/samples/samples.npz" \
-    --recon "$OUT/recon.json" --out "$OUT" --start "$START"
+    --recon "$OUT/recon.json" "${MERGED[@]}" --out "$OUT" --start "$START"

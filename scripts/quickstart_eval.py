@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--digits", required=True, help="make_digits.py output (train/ and val/ ImageFolders)")
     p.add_argument("--samples", required=True, help="samples.npz of sample_c2i_ddp.py (arr_0, labels)")
     p.add_argument("--recon", required=True, help="eval_recon.py JSON of the tokenizer on the held-out digits")
+    p.add_argument("--recon-merged", default=None, help="MergeVQ: eval_recon.py JSON at a merged K")
     p.add_argument("--out", required=True, help="directory for grid.png and summary.json")
     p.add_argument("--start", type=float, default=None, help="unix time the pipeline began (for `seconds`)")
     args = p.parse_args()
@@ -92,6 +93,10 @@ def main() -> None:
         "tokenizer_ssim": recon.get("ssim"),
         "grid": str(out / "grid.png"),
     }
+    if args.recon_merged:  # MergeVQ: PSNR with all tokens (tokenizer_psnr) and with K merged tokens
+        merged = json.loads(Path(args.recon_merged).read_text())
+        summary.update(tokens=recon.get("merged_tokens"), merged_tokens=merged["merged_tokens"],
+                       tokenizer_psnr_merged=merged["psnr"])
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "summary.json")
@@ -99,6 +104,8 @@ def main() -> None:
     rows = [("conditional accuracy (samples, chance 0.10)", f"{cond_acc:.3f}"),
             ("classifier accuracy (held-out real digits)", f"{real_acc:.3f}"),
             (f"tokenizer PSNR (held-out, {recon['num_images']} images)", f"{recon['psnr']:.2f} dB"),
+            *([(f"tokenizer PSNR at K = {summary['merged_tokens']} merged tokens of {summary['tokens']}",
+                 f"{summary['tokenizer_psnr_merged']:.2f} dB")] if args.recon_merged else []),
             (f"{summary['tokenizer_family']} codebook usage per group (held-out)",
              " ".join(f"{u:.3f}" for u in summary["codebook_usage"] or [])),
             ("samples", f"{len(samples)}"),

@@ -8,7 +8,7 @@ from test_configs import tokenizer_ref
 
 from tokenizer.families.magvit2 import lfq_quantize
 from tokenizer.families.mergevq import MergeVQ, MergeVQConfig
-from tokenizer.families.mergevq.tome import merge_schedule, tokens_left
+from tokenizer.families.mergevq.tome import merge_candidates, merge_schedule, sampled_merge_num, tokens_left
 from tokenizer.loading import TokenizerRef, load_tokenizer, named_refs, save_tokenizer
 from tokenizer.merged import unmerge
 from tokenizer.registry import family_of
@@ -130,13 +130,38 @@ def test_merge_schedule_is_the_official_one(fixture):
         MergeVQ(MergeVQConfig(**{**TINY, "merge_num": 40})).encode(torch.zeros(1, 3, 8, 8))
 
 
+def test_training_candidates_of_k_are_the_official_ones():
+    """Candidates and cumulative probabilities as the official MergeVQEncoder.apply_merge / generate_prob_list give
+    them (numbers printed by the official functions at 5267198)."""
+    assert merge_candidates(256, 112, "gaussian-6") == (
+        [121, 144, 169, 196, 225, 256], [0.11797, 0.78633, 0.90431, 0.93635, 0.96817, 1.0])
+    assert merge_candidates(1024, 768, "gaussian-9") == (
+        [225, 256, 289, 324, 361, 400, 441, 484, 529],
+        [0.10769, 0.7178, 0.82549, 0.85474, 0.88379, 0.91284, 0.94189, 0.97095, 1.0])
+    assert merge_candidates(256, 112, "gaussian") == ([121, 144, 169, 196, 225], [0.12185, 0.81218, 0.93403,
+                                                                                   0.96713, 1.0])
+    assert merge_candidates(256, 112, "exponential-4") == ([144, 169, 196, 225], [0.77426, 0.91093, 0.9613, 1.0])
+    assert merge_candidates(256, 112, "uniform-5") == ([144, 169, 196, 225, 256], [0.2, 0.4, 0.6, 0.8, 1.0])
+    assert merge_candidates(16, 7, "gaussian-3") == ([4, 9, 16], [0.13046, 0.86954, 1.0])  # mergevq-digits
+    # Step s keeps the candidate at quantile (s mod 100) / 100 (bisect_left: a quantile equal to a bound stays below).
+    kept = {s: 256 - sampled_merge_num(256, 112, "gaussian-6", s) for s in (0, 11, 12, 78, 79, 90, 91, 93, 94, 96,
+                                                                             97, 99, 100, 112)}
+    assert kept == {0: 121, 11: 121, 12: 144, 78: 144, 79: 169, 90: 169, 91: 196, 93: 196, 94: 225, 96: 225,
+                    97: 256, 99: 256, 100: 121, 112: 144}
+    assert sampled_merge_num(256, 112, None, 50) == 112
+    with pytest.raises(ValueError, match="cand_distribution='beta-3'"):
+        MergeVQConfig(**TINY, cand_distribution="beta-3")
+    with pytest.raises(ValueError, match=r"candidates \[0, 1, 4\], outside \[1, 64\]"):
+        merge_candidates(64, 63, "gaussian-3")
+
+
 def test_presets_and_parameter_counts():
     counts = {}
     for name, cfg in MergeVQConfig.named_presets().items():
         with torch.device("meta"):
             counts[name] = round(sum(p.numel() for p in MergeVQ(cfg).parameters()) / 1e6, 2)
     assert counts == {"mergevq-gr-d32": 94.64, "mergevq-gr-d64": 152.85, "mergevq-gr-d96": 342.27,
-                      "mergevq-g-d32": 91.43, "mergevq-g-d64": 147.81}
+                      "mergevq-g-d32": 91.43, "mergevq-g-d64": 147.81, "mergevq-digits": 1.25}
     gr, g = MergeVQConfig.preset("mergevq-gr-d64"), MergeVQConfig.preset("mergevq-g-d64")
     assert (gr.downsample, gr.merged_tokens((16, 16)), g.downsample, g.merged_tokens((32, 32))) == (16, 144, 8, 256)
     assert MergeVQConfig.preset("mergevq-gr-d64", merge_num=192).merged_tokens((16, 16)) == 64

@@ -4,6 +4,7 @@ One module per quantizer kind, chosen by family name (`AUTOENCODERS`); the train
 which family it trains. Each wraps the family's tokenizer module (exported as it is) and adds what training needs:
 - `forward(x)` -> recon (B, 3, H, W), codes (B, h, w, G), unweighted terms {name: scalar}, latent (detached);
 - `aux_loss(terms)`: the quantizer's part of the loss with the recipe's weights (tokenizer/recipes.py);
+- `before_step(step)`: per-step settings (MergeVQ draws its number of merged tokens K; others none);
 - `after_step(...)`: per-step codebook maintenance (MGVQ's usage EMA and dead-code re-seeding; others none).
 The quantizer terms are computed in float32 outside autocast (tokenizer/family_losses.py).
 """
@@ -12,10 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tokenizer.base import group_sizes
+from tokenizer.base import check_images, group_sizes
+from tokenizer.distill import Teacher, distill_kl
+from tokenizer.families.mergevq.model import MergeVQ
+from tokenizer.families.mergevq.tome import sampled_merge_num
 from tokenizer.families.mgvq.model import MGVQ
 from tokenizer.families.mgvq.quantizer import MultiGroupQuantizer
 from tokenizer.family_losses import cosine_vq, index_propagation, lookup_free
+from tokenizer.merged import unmerge
 from tokenizer.recipes import LossConfig
 
 
@@ -72,6 +77,9 @@ class Autoencoder(nn.Module):
         if "sample_entropy" not in terms:
             return 0.0
         return self.loss.entropy_weight * (terms["sample_entropy"] - terms["codebook_entropy"])
+
+    def before_step(self, step: int) -> None:
+        """Settings of the training step `step` (0-based, the same on every process)."""
 
     def after_step(self, accelerator, counts: torch.Tensor, latents: torch.Tensor, done: int, codebook_cfg,
                    seed: int) -> dict[str, torch.Tensor]:
@@ -154,9 +162,60 @@ class LookupFreeAutoencoder(Autoencoder):
         return self.loss.codebook_weight * terms["commit"] + self.entropy_loss(terms)
 
 
+class MergeVQAutoencoder(Autoencoder):
+    """MergeVQ: LFQ (commitment, entropy) on the K merged tokens, their straight-through codes copied back to every
+    grid position they cover before decoding; K drawn per step from the config's candidates
+    (tome.sampled_merge_num); optionally the class token distilled to a DINOv2 teacher (tokenizer/distill.py)."""
+
+    def __init__(self, tokenizer: MergeVQ, loss: LossConfig):
+        super().__init__(tokenizer, loss)
+        self.step = None  # None (outside the trainer): the config's merge_num
+        self.teacher = None
+        if not loss.distill_weight and tokenizer.config.dist_head is not None:
+            tokenizer.encoder.dist_head.requires_grad_(False)  # unused: no gradient (DDP would wait for one)
+        if loss.distill_weight:
+            if tokenizer.config.dist_head is None:
+                raise ValueError(f"loss.distill_weight={loss.distill_weight} needs a distillation head: this config "
+                                 f"has dist_head=None (set loss.distill_weight=0, or dist_head=layer3 | mlp)")
+            if not loss.distill_teacher:
+                raise ValueError(f"loss.distill_weight={loss.distill_weight} needs loss.distill_teacher, a local "
+                                 f"directory with a DINOv2 model (nothing is downloaded); or set loss.distill_weight=0")
+            self.teacher = Teacher(loss.distill_teacher, loss.distill_image_size)
+            if self.teacher.width != tokenizer.config.num_classes:
+                raise ValueError(f"the teacher {loss.distill_teacher} has width {self.teacher.width}, the "
+                                 f"distillation head {tokenizer.config.num_classes} outputs (config num_classes)")
+
+    def before_step(self, step: int) -> None:
+        """The step whose K the next forward draws (the trainer calls it on every process with the same step)."""
+        self.step = step
+
+    def forward(self, x: torch.Tensor):
+        tok = self.tokenizer
+        check_images(x, tok.downsample)
+        h, w = x.shape[-2] // tok.downsample, x.shape[-1] // tok.downsample
+        merge_num = tok.config.merge_num if self.step is None else \
+            sampled_merge_num(h * w, tok.config.merge_num, tok.config.cand_distribution, self.step)
+        latent, cls_token, token_map = tok.encoder(x, merge_num)  # (B, K, Z), (B, C), (B, h, w)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            quantized, terms = lookup_free(latent.transpose(1, 2)[..., None], self.temperature)  # (B, Z, K, 1)
+        terms["commit"] = self.loss.beta * terms["commit"]
+        grid = unmerge(quantized[..., 0].transpose(1, 2), token_map).permute(0, 3, 1, 2)  # (B, Z, h, w)
+        if self.teacher is not None:
+            terms["distill"] = distill_kl(tok.encoder.dist_head(cls_token), self.teacher(x),
+                                          self.loss.distill_temperature)
+        terms["merged_tokens"] = torch.tensor(float(latent.shape[1]), device=x.device)
+        codes = tok.codes_of((latent.detach(), token_map))
+        return tok.decode(grid.to(latent.dtype)), codes, terms, latent.detach()
+
+    def aux_loss(self, terms: dict) -> torch.Tensor:
+        loss = self.loss.codebook_weight * terms["commit"] + self.entropy_loss(terms)
+        return loss + self.loss.distill_weight * terms["distill"] if "distill" in terms else loss
+
+
 AUTOENCODERS: dict[str, type[Autoencoder]] = {
     "mgvq": MGVQAutoencoder,
     "llamagen_vq": CosineVQAutoencoder,
     "ibq": IndexPropagationAutoencoder,
     "open_magvit2": LookupFreeAutoencoder,
+    "mergevq": MergeVQAutoencoder,
 }

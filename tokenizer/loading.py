@@ -109,8 +109,11 @@ def _checked_weights(blob: dict, path: Path, fam, config, weights: str) -> tuple
                               f"{fam.config_cls.__name__}.preset(...)")
         config = stored_config
     elif stored_config is not None:
-        # Keys and shapes would not catch e.g. a different activation: refuse any difference.
-        refuse_mismatch(stored_config.to_dict(), config.to_dict(), f"tokenizer file {path}",
+        # Keys and shapes would not catch e.g. a different activation: refuse any difference, but in the settings of
+        # how the weights run (MergeVQ's merge_num: the given one is used).
+        runtime = getattr(fam.config_cls, "RUNTIME_FIELDS", ())
+        have, want = ({k: v for k, v in c.to_dict().items() if k not in runtime} for c in (stored_config, config))
+        refuse_mismatch(have, want, f"tokenizer file {path}",
                         "its stored config differs from the one given (leave the config out to use the stored one)")
     with torch.device("meta"):
         model = fam.model_cls(config)

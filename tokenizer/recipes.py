@@ -39,6 +39,11 @@ class LossConfig:
     disc_channels: int = 64
     disc_layers: int = 3
     disc_lr: float | None = None  # None = the generator's lr
+    # MergeVQ's distillation of the encoder's class token to a DINOv2 teacher (KL at a temperature, times T^2).
+    distill_weight: float | None = None  # 0 = off (every family but mergevq); > 0 needs distill_teacher
+    distill_temperature: float | None = None
+    distill_teacher: str | None = None  # a local directory holding a transformers Dinov2Model (never downloaded)
+    distill_image_size: int | None = None  # the teacher sees the training images resized to this size
 
 
 # Optimizer fields of the trainer config the recipe fills: lr, betas, weight_decay (0 = Adam), grad_clip, ema.
@@ -105,6 +110,17 @@ RECIPES: dict[str, dict] = {
         "entropy_weight": 0.1,  # codebook_weight: 0.1 multiplies the entropy loss; codebook_enlarge_ratio: 0
         "entropy_temperature": 0.01,  # entropy_loss(temperature=0.01)
     },
+    # MergeVQ = ApexGen-X/MergeVQ at 5267198: configs/gpu_s1/imagenet_mergevq_256_GR_d64_8gpu_200ep.yaml,
+    # taming/models/lfqgan_rep.py MergeVQModel, taming/modules/losses/vqperceptual.py (SEED-Voken's, with cls_loss).
+    "mergevq": {
+        **_SEED_VOKEN_GAN, **_SEED_VOKEN_OPT,  # L1 + 1.0 LPIPS, 0.1 non-saturating GAN, hinge D; Adam (0.5, 0.9) 1e-4
+        "lecam_weight": 0.01,  # lecam_loss_weight: 0.01
+        "codebook_weight": 1.0, "beta": 0.25,  # commit_weight: 0.25
+        "entropy_weight": 0.1, "entropy_temperature": 0.01,  # codebook_weight: 0.1 times LFQ's entropy loss
+        "distill_weight": 1.0,  # cls_loss_weight: 1.0 (the G configs: 0.1)
+        "distill_temperature": 4.0,  # distill_cls_loss(temperature=4): KL(batchmean) * T^2
+        "distill_image_size": 224,  # the teacher's view: a 224 crop (size: [256, 224, 224])
+    },
 }
 
 OPTIMIZER_FIELDS = ("lr", "betas", "weight_decay", "grad_clip", "ema")
@@ -128,6 +144,10 @@ def resolve_loss(loss: LossConfig, family: str) -> LossConfig:
     if family != "mgvq" and out.mask_probs:
         raise ValueError(f"loss.mask_probs={out.mask_probs}: nested masking is MGVQ's; family {family!r} has one "
                          f"code per pixel (set loss.mask_probs=[])")
+    if out.distill_weight is None:
+        out.distill_weight = 0.0  # families without a distillation term
+    if out.distill_weight and family != "mergevq":
+        raise ValueError(f"loss.distill_weight={out.distill_weight}: the class-token distillation is MergeVQ's")
     if family == "mgvq" and out.entropy_weight:
         raise ValueError(f"loss.entropy_weight={out.entropy_weight}: MGVQ's recipe has no entropy loss (set 0)")
     return out

@@ -96,6 +96,7 @@ def eval_recon(cfg: ReconConfig) -> dict:
             raise RuntimeError(f"unreadable image {next(e for e in errors if e)}")
         x = x[:, 0].to(device)  # (B, 3, S, S), the plain view
         codes = model.encode_codes(x)  # (B, h, w, G)
+        grid = tuple(codes.shape[1:3])
         recon = model.decode_codes(codes, groups_to_use=cfg.groups_to_use)
         real, fake = (x.clamp(-1, 1) + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
         sq_err += (fake - real).double().pow(2).flatten(1).mean(1).sum().item()
@@ -118,5 +119,7 @@ def eval_recon(cfg: ReconConfig) -> dict:
         "tokenizer_checkpoint": str(cfg.tokenizer.checkpoint),
         "tokenizer_family": cfg.tokenizer.family,
     }
+    if hasattr(model.config, "merged_tokens"):  # MergeVQ: the K merged tokens the grid codes came from
+        result["merged_tokens"] = model.config.merged_tokens(grid)
     write_json_atomic(cfg.out, result)
     return result

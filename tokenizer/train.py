@@ -2,7 +2,8 @@
 
 A family contributes its tokenizer and its quantizer's training forward and auxiliary terms
 (tokenizer/autoencoders.py: MGVQ's groups with nested masking and dead-code re-seeding, LlamaGen's cosine VQ,
-IBQ's index propagation, Open-MAGVIT2's LFQ with its entropy loss); the trainer adds the reconstruction losses
+IBQ's index propagation, Open-MAGVIT2's LFQ with its entropy loss, MergeVQ's LFQ on merged tokens with K drawn
+per step and its class-token distillation); the trainer adds the reconstruction losses
 (L1, Charbonnier, L2), LPIPS, and the PatchGAN with a hinge or non-saturating generator loss and LeCAM
 (tokenizer/losses.py, tokenizer/family_losses.py). Code usage and perplexity per group go to every log line, and a
 run whose usage stays below `codebook.collapse_usage` for `codebook.collapse_lines` lines warns. `train(cfg)` runs
@@ -189,6 +190,7 @@ class TokenizerStep:
         step = self.trainer.step  # steps done before this one
         x = next(self.batches).to(acc.device, non_blocking=True)  # (B, 3, S, S) in [-1, 1]
         use_disc = self.adversary is not None and step >= cfg.loss.disc_start
+        self.autoencoder.before_step(step)
         with acc.autocast():
             loss, terms, recon, codes, z = self.losses(x, use_disc)
         acc.backward(loss)

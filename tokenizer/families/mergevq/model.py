@@ -21,21 +21,29 @@ import torch.nn.functional as F
 from tokenizer.base import IMAGE_CHANNELS, CodeTokenizer, check_images
 from tokenizer.families.magvit2 import (Magvit2Config, down_levels, group_norm, lfq_grid_latent, lfq_quantize,
                                         up_levels)
-from tokenizer.families.mergevq.tome import Merge, merge_schedule, tokens_left
+from tokenizer.families.mergevq.tome import Merge, merge_schedule, parse_distribution, tokens_left
 from tokenizer.merged import check_token_map, unmerge
 
 DIST_HEADS = (None, "layer3", "mlp")  # the official dist_head 'layer3', True (-> "mlp"), or none
 LAYER_SCALE_INIT = 1e-5
 
 # configs/gpu_s1 of the official repository (256px; G+R: f16, 256 grid tokens; G: f8, 1024). merge_num is the
-# training config's (G+R: K = 144, G: K = 256); the eval configs set it per K (G+R k64/100/144/196/256: 192/156/112/
-# 60/0). The stage-2 (AR) configs decode with merge_num 0 and factorize the 18 bits as [6, 12].
+# training config's (G+R: K = 144, G: K = 256) and cand_distribution the K its training draws around it (G+R:
+# 121..256, G: 225..529); the eval configs set merge_num per K (G+R k64/100/144/196/256: 192/156/112/60/0). The
+# stage-2 (AR) configs decode with merge_num 0 and factorize the 18 bits as [6, 12].
+_GR = {"ch_mult": [1, 1, 2, 4, 8], "dist_head": "layer3", "merge_num": 112, "cand_distribution": "gaussian-6"}
+_G = {"dist_head": "mlp", "merge_num": 768, "cand_distribution": "gaussian-9"}
 PRESETS = {
-    "mergevq-gr-d32": {"ch": 32, "ch_mult": [2, 2, 4, 8, 12], "num_heads": 8, "dist_head": "layer3", "merge_num": 112},
-    "mergevq-gr-d64": {"ch": 64, "ch_mult": [1, 1, 2, 4, 8], "num_heads": 8, "dist_head": "layer3", "merge_num": 112},
-    "mergevq-gr-d96": {"ch": 96, "ch_mult": [1, 1, 2, 4, 8], "num_heads": 12, "dist_head": "layer3", "merge_num": 112},
-    "mergevq-g-d32": {"ch": 32, "ch_mult": [2, 4, 8, 12], "num_heads": 8, "dist_head": "mlp", "merge_num": 768},
-    "mergevq-g-d64": {"ch": 64, "ch_mult": [1, 2, 4, 8], "num_heads": 8, "dist_head": "mlp", "merge_num": 768},
+    "mergevq-gr-d32": {**_GR, "ch": 32, "ch_mult": [2, 2, 4, 8, 12], "num_heads": 8},
+    "mergevq-gr-d64": {**_GR, "ch": 64, "num_heads": 8},
+    "mergevq-gr-d96": {**_GR, "ch": 96, "num_heads": 12},
+    "mergevq-g-d32": {**_G, "ch": 32, "ch_mult": [2, 4, 8, 12], "num_heads": 8},
+    "mergevq-g-d64": {**_G, "ch": 64, "ch_mult": [1, 2, 4, 8], "num_heads": 8},
+    # The quickstart's: 16x16 digits -> 4x4 grid of 16-bit codes (two 256-code sub-tokens); training keeps K = 9 of
+    # the 16 tokens most of the time (candidates 4, 9, 16); no distillation head (no DINOv2 teacher there).
+    "mergevq-digits": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 16,
+                       "factorized_bits": [8, 8], "num_att_blocks": 4, "num_heads": 4, "merge_num": 7,
+                       "cand_distribution": "gaussian-3", "dist_head": None},
 }
 
 
@@ -47,6 +55,8 @@ class MergeVQConfig(Magvit2Config):
 
     PRESETS: ClassVar[dict] = PRESETS
     NAME: ClassVar[str] = "MergeVQ"
+    # Settings of how the weights are run, not of the weights: a tokenizer file loads with other values of these.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("merge_num", "cand_distribution")
     ch: int = 64
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 4, 8])
     num_res_extra: int = 1
@@ -55,6 +65,9 @@ class MergeVQConfig(Magvit2Config):
     merge_num: int = 112
     dist_head: str | None = "layer3"
     num_classes: int = 768  # outputs of the distillation head (the teacher's width)
+    # Training only: K is drawn every step around grid tokens - merge_num ("gaussian-6": tome.merge_candidates);
+    # None = always merge_num.
+    cand_distribution: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +76,8 @@ class MergeVQConfig(Magvit2Config):
         if self.dist_head not in DIST_HEADS:
             raise ValueError(f"dist_head={self.dist_head!r}: expected one of {DIST_HEADS}")
         merge_schedule(self.num_att_blocks, self.merge_num)  # refuses a schedule that cannot exist
+        if self.cand_distribution is not None:
+            parse_distribution(self.cand_distribution)
 
     @property
     def embed_dim(self) -> int:
@@ -202,12 +217,14 @@ class Encoder(nn.Module):
         if cfg.dist_head is not None:
             self.dist_head = distillation_head(cfg.dist_head, c, cfg.num_classes)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, merge_num: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """merge_num: tokens to merge away in this call (training draws it per step); None = the config's."""
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
         B, C, h, w = x.shape
-        schedule = merge_schedule(self.config.num_att_blocks, self.config.merge_num)
+        merge_num = self.config.merge_num if merge_num is None else merge_num
+        schedule = merge_schedule(self.config.num_att_blocks, merge_num)
         tokens_left(h * w, schedule)  # a clear error where this grid is too small for merge_num
         x, token_map = self.attn(x.flatten(2).transpose(1, 2), schedule)
         # The official code lays the K tokens out as a sqrt(K) x sqrt(K) pseudo-grid here: group norm and the 1x1

@@ -8,11 +8,14 @@ The result lists the A tokens that stayed, in their order, then every B token: "
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
 
 INFLECTION = -0.5  # MergeVQ's schedule: merges per layer decrease from 1.5 r to 0.5 r
+DISTRIBUTIONS = ("gaussian", "exponential", "uniform")
+CYCLE = 100  # training step s picks its K at the quantile (s mod 100) / 100 of the candidate distribution
 
 
 def ramp(num_layers: int, r: int, inflection: float = INFLECTION) -> list[int]:
@@ -99,3 +102,44 @@ class Merge:
             size = torch.ones_like(x[..., :1])
         total = self(size)
         return self(x * size) / total, total
+
+
+def parse_distribution(distribution: str) -> tuple[str, int]:
+    """"gaussian-6" -> ("gaussian", 6); a count left out is 5, as the official code's."""
+    kind, _, count = distribution.partition("-")
+    if kind.lower() not in DISTRIBUTIONS or (count and not (count.isdigit() and int(count) > 0)):
+        raise ValueError(f"cand_distribution={distribution!r}: expected '<kind>-<count>' with kind one of "
+                         f"{DISTRIBUTIONS}, e.g. 'gaussian-6'")
+    return kind.lower(), int(count) if count else 5
+
+
+def merge_candidates(num_tokens: int, merge_num: int, distribution: str) -> tuple[list[int], list[float]]:
+    """The K a training step can keep, and their cumulative probabilities: MergeVQ's `cand_distribution`
+    "<kind>-<n>" (n = 5 when left out) around K0 = num_tokens - merge_num.
+
+    As the official MergeVQEncoder.apply_merge: the candidates are the squares (sqrt(K0) + i)^2 for i from -b to
+    n - 1 - b (b = 1 for gaussian, else 0); their weights are exp(-(j - b)^2 / (2 * 0.5^2)) + 0.05 over the index j
+    (gaussian), 2 exp(-2 j) + 0.1 (exponential) or equal (uniform), normalised, summed and rounded to 5 decimals.
+    """
+    kind, n = parse_distribution(distribution)
+    bias = 1 if kind == "gaussian" else 0
+    root = (num_tokens - merge_num) ** 0.5
+    candidates = [int((root + i) ** 2) for i in range(-bias, n - bias)]
+    if min(candidates) < 1 or max(candidates) > num_tokens:
+        raise ValueError(f"cand_distribution={distribution!r} around K={num_tokens - merge_num} of {num_tokens} "
+                         f"tokens gives K candidates {candidates}, outside [1, {num_tokens}]")
+    j = torch.arange(n, dtype=torch.float64)
+    weight = {"gaussian": torch.exp(-(j - bias) ** 2 / 0.5) + 0.05, "exponential": 2 * torch.exp(-2 * j) + 0.1,
+              "uniform": torch.ones(n, dtype=torch.float64)}[kind]
+    cumulative = (weight / weight.sum()).cumsum(0)
+    return candidates, [round(float(c), 5) for c in cumulative]
+
+
+def sampled_merge_num(num_tokens: int, merge_num: int, distribution: str | None, step: int) -> int:
+    """Tokens to merge at training step `step` (0-based): the candidate K whose cumulative probability first reaches
+    (step mod 100) / 100, as the official `sampling_r_candidate(rand=(batch_idx % 100) * 0.01)`; K is then a
+    function of the step (the same on every process, and again after a resume). No distribution: merge_num."""
+    if distribution is None:
+        return merge_num
+    candidates, cumulative = merge_candidates(num_tokens, merge_num, distribution)
+    return num_tokens - candidates[bisect.bisect_left(cumulative, (step % CYCLE) / CYCLE)]
