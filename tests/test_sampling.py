@@ -238,9 +238,11 @@ def test_compiled_generate_draws_the_eager_codes_with_one_graph_per_phase(head):
     again = generate(model, labels, seeds=seeds + 1, compile=True, **COMPILE_SETTINGS)  # same batch and settings
     assert counters["stats"]["unique_graphs"] == 2
     assert torch.equal(again, generate(model, labels, seeds=seeds + 1, **COMPILE_SETTINGS))
-    smaller = generate(model, labels[:2], seeds=seeds[:2], compile=True, **COMPILE_SETTINGS)  # a last, partial batch
-    assert counters["stats"]["unique_graphs"] == 4  # its own two: the KV-cache buffers have the batch's shape
-    assert torch.equal(smaller, eager[:2])  # and a sample does not depend on its batch
+    if head == "parallel":  # a last, partial batch (the AR head's caches follow the trunk's batch the same way;
+        # its two more graphs cost a minute of compiling on 2 cores)
+        smaller = generate(model, labels[:2], seeds=seeds[:2], compile=True, **COMPILE_SETTINGS)
+        assert counters["stats"]["unique_graphs"] == 4  # its own two: the KV-cache buffers have the batch's shape
+        assert torch.equal(smaller, eager[:2])  # and a sample does not depend on its batch
     torch._dynamo.reset()
 
 
