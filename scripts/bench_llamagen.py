@@ -227,8 +227,14 @@ def bench_extract(args: argparse.Namespace) -> None:
                 fn(out)
                 seconds[name].append(time.perf_counter() - start)
                 print(f"  round {r} {name}: {seconds[name][-1]:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
-        print(check_codes(tmp / "llamagen_fp32_0", tmp / "ours_fp32_0", args.image_size))
-        print(check_official_views(data, ckpt, tmp / "llamagen_fp32_0", args.image_size))
+        failures = []  # a difference is reported after the figures, which are printed either way
+        for check in (lambda: check_codes(tmp / "llamagen_fp32_0", tmp / "ours_fp32_0", args.image_size),
+                      lambda: check_official_views(data, ckpt, tmp / "llamagen_fp32_0", args.image_size)):
+            try:
+                print(check())
+            except SystemExit as failed:
+                print(failed)
+                failures.append(str(failed))
         base = statistics.median(seconds["llamagen fp32"])
         for name, s in seconds.items():
             line = f"{name:>14}: {args.images / statistics.median(s):6.3f} images/s  {base / statistics.median(s):5.2f}x"
@@ -236,6 +242,8 @@ def bench_extract(args: argparse.Namespace) -> None:
                 share = agreement(tmp / f"{name.replace(' ', '_')}_0", tmp / "ours_fp32_0")
                 line += f"  codes equal to fp32: {share:.2%}"
             print(line)
+        if failures:
+            raise SystemExit("; ".join(failures))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
