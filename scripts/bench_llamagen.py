@@ -17,7 +17,8 @@ extract: `autoregressive/train/extract_codes_c2i.py --ten-crop --debug` (its tra
     are our views 1-4, 7, 6, 9, 8; its zoomed centre (4) and the centre crop of its mirrored image (9) have no
     counterpart (our views 0 and 5 are the plain centre crop and its flip). Codes of the shared views must be identical, and our tokenizer fed LlamaGen's own ten views of the
     first image must give its codes. Our bf16 run (encoder under autocast, code search in float32) is reported
-    with its agreement with our float32 codes.
+    with its agreement with our float32 codes. Each run is a fresh process (neither side inherits the other's
+    allocator state or threads), timed from the call of its loop to its end (imports and start-up excluded).
 train: `autoregressive/train/train_c2i.py`'s step (`model(cond_idx, idx, targets)` under autocast, GradScaler,
     clip_grad_norm_ 1.0, fused AdamW with its two weight-decay groups, `update_ema`, `loss.item()`) against our
     step (gpt.train.GPTStep with the Trainer: accelerate autocast, clip, AdamW, schedule, on-device metrics, EMA),
@@ -41,6 +42,7 @@ import importlib.util
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -206,6 +208,33 @@ def agreement(store_a: Path, store_b: Path) -> float:
     return float((np.asarray(a) == np.asarray(b)).mean())
 
 
+def run_side(args: argparse.Namespace, side: str, data: Path, ckpt: Path, out: Path) -> float:
+    """One extraction (`side`: "llamagen" or "ours <precision>") in a fresh process, so that neither side inherits
+    the other's allocator or thread state; returns the seconds its extraction took (start-up excluded)."""
+    cmd = [sys.executable, __file__, "_extract_one", side, str(data), str(ckpt), str(out), "--image-size",
+           str(args.image_size), "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)])})
+    if done.returncode:
+        raise SystemExit(f"{side} extraction failed (exit {done.returncode}): {done.stdout[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1].split()[-1])
+
+
+def extract_one(args: argparse.Namespace) -> None:
+    """The child of run_side: ours as scripts/extract_codes.py runs, or LlamaGen's loop as its script runs; prints
+    the seconds last."""
+    data, ckpt, out = Path(args.data), Path(args.ckpt), Path(args.out)
+    if args.side == "llamagen":
+        llamagen_file("tokenizer/tokenizer_image/vq_model.py", "llamagen_vq_model")
+        start = time.perf_counter()
+        llamagen_extract(data, ckpt, out, args.image_size, args.workers)
+    else:
+        start = time.perf_counter()
+        our_extract(data, ckpt, out, args.image_size, args.workers, args.batch_size, args.side.split()[1])
+    print(f"seconds {time.perf_counter() - start:.3f}")
+
+
 def bench_extract(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_llamagen_", dir=args.dir))
     try:
@@ -213,21 +242,17 @@ def bench_extract(args: argparse.Namespace) -> None:
         make_image_folder(data, args.images)
         llamagen_vq_checkpoint(ckpt, args.seed)
         print(f"LlamaGen VQ-16 (random weights, seed {args.seed}), {args.images} images, {args.image_size}px, "
-              f"ten-crop (10 views), {args.workers} loader workers, {torch.get_num_threads()} torch threads; "
-              f"ours: batch {args.batch_size} images", flush=True)
-        runs = [("llamagen fp32", lambda out: llamagen_extract(data, ckpt, out, args.image_size, args.workers))]
-        for precision in args.precisions:
-            runs.append((f"ours {precision}", lambda out, p=precision: our_extract(
-                data, ckpt, out, args.image_size, args.workers, args.batch_size, p)))
-        seconds = {name: [] for name, _ in runs}
+              f"ten-crop (10 views), {args.workers} loader workers, {args.threads or torch.get_num_threads()} torch "
+              f"threads, each run in its own process; ours: batch {args.batch_size} images", flush=True)
+        names = ["llamagen fp32"] + [f"ours {precision}" for precision in args.precisions]
+        seconds = {name: [] for name in names}
         for r in range(args.rounds):
-            for name, fn in runs if r % 2 == 0 else runs[::-1]:  # interleaved: ABC CBA ...
-                out = tmp / f"{name.replace(' ', '_')}_{r}"
-                start = time.perf_counter()
-                fn(out)
-                seconds[name].append(time.perf_counter() - start)
+            for name in names if r % 2 == 0 else names[::-1]:  # interleaved: ABC CBA ...
+                side = "llamagen" if name.startswith("llamagen") else name
+                seconds[name].append(run_side(args, side, data, ckpt, tmp / f"{name.replace(' ', '_')}_{r}"))
                 print(f"  round {r} {name}: {seconds[name][-1]:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
         failures = []  # a difference is reported after the figures, which are printed either way
+        llamagen_file("dataset/augmentation.py", "llamagen_augmentation")
         for check in (lambda: check_codes(tmp / "llamagen_fp32_0", tmp / "ours_fp32_0", args.image_size),
                       lambda: check_official_views(data, ckpt, tmp / "llamagen_fp32_0", args.image_size)):
             try:
@@ -450,8 +475,9 @@ def main() -> None:
     p = sub.add_parser("extract", help="extract_codes_c2i.py --ten-crop vs scripts/extract_codes.py views=tencrop")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4, help="ours: images per step (x 10 views)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers, both sides")
+    p.add_argument("--batch-size", type=int, default=1, help="ours: images per step (x 10 views)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers, both sides (0: in the main process, "
+                   "which leaves the 2 cores of the README's machine to the encoder)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="ours")
     p.add_argument("--rounds", type=int, default=1, help="passes over the folder per side, interleaved")
     p.set_defaults(fn=bench_extract)
@@ -467,6 +493,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="timed steps per side, interleaved")
     p.set_defaults(fn=bench_train)
+    p = sub.add_parser("_extract_one", help="(internal) one side of `extract`, run in its own process")
+    for name in ("side", "data", "ckpt", "out"):
+        p.add_argument(name)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(fn=extract_one)
     for p in sub.choices.values():
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")

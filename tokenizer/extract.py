@@ -20,6 +20,7 @@ from tokenizer.common import validate as v
 from tokenizer.common.errors import ConfigError, MissingFileError, UserError
 from tokenizer.common.io import sha256_file
 from tokenizer.common.lock import out_dir_lock
+from tokenizer.common.memory import keep_freed_cpu_memory
 from tokenizer.common.precision import PRECISIONS, autocast_dtype, check_precision
 from tokenizer.data import ImageViews, files_fingerprint, list_images, num_views
 from tokenizer.loading import TokenizerRef
@@ -60,13 +61,17 @@ class ExtractConfig:
         check_precision(self.precision)
 
 
-# Families whose encoders run faster channels_last on a CPU: oneDNN's NHWC convolutions run LlamaGen's VQ-16 encoder
-# 1.4x faster here with the same codes (README, benchmarks). The others are not measured and keep the default layout.
+# Families whose encoders run faster channels_last on a CPU under bf16: oneDNN's NHWC convolutions run LlamaGen's
+# VQ-16 encoder 1.18x faster there (README, benchmarks). In float32 the encoder keeps the default layout: NHWC sums in
+# another order, which flipped 1 of 16,384 VQ-16 codes against LlamaGen's own extraction, and fp32 codes are
+# promised identical to the official loop's. The other families are not measured and keep the default layout.
 CPU_CHANNELS_LAST = ("llamagen_vq", "ibq")
 
 
-def encoder_layout(device: torch.device, family: str) -> torch.memory_format:
-    return torch.channels_last if device.type == "cpu" and family in CPU_CHANNELS_LAST else torch.contiguous_format
+def encoder_layout(device: torch.device, family: str, dtype: torch.dtype | None) -> torch.memory_format:
+    """The memory format the encoder runs in: channels_last only for a bf16 (`dtype`) CPU run of CPU_CHANNELS_LAST."""
+    fast = device.type == "cpu" and dtype is not None and family in CPU_CHANNELS_LAST
+    return torch.channels_last if fast else torch.contiguous_format
 
 
 def native_cpu_bf16() -> bool:
@@ -187,9 +192,11 @@ def fill_store(cfg: ExtractConfig, accelerator: Accelerator, model: torch.nn.Mod
     dataset = ImageViews(cfg.data.root, cfg.data.image_size, cfg.data.views, cfg.data.crop_range, files, labels)
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    layout = encoder_layout(device, cfg.tokenizer.family)
-    model = model.to(device, memory_format=layout)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # the encoder's freed activations serve the next batch's, without page faults
     dtype = autocast_dtype(spec["precision"])
+    layout = encoder_layout(device, cfg.tokenizer.family, dtype)
+    model = model.to(device, memory_format=layout)
     if device.type == "cpu" and dtype is not None and not native_cpu_bf16():
         print(f"warning: precision={spec['precision']} on a CPU without AVX512-BF16 or AMX: its bf16 convolutions "
               f"are emulated and slower than fp32 (README, benchmarks)", flush=True)
