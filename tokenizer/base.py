@@ -6,6 +6,16 @@ import torch
 import torch.nn as nn
 
 IMAGE_CHANNELS = 3
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(x), computed as the taming-style official encoders compute it (LlamaGen, IBQ, Open-MAGVIT2):
+    F.silu rounds differently (up to 5e-7 here), enough to flip a near-tied VQ-16 code against LlamaGen's own
+    extraction. Without autograd the product is written into the sigmoid's buffer (the same numbers, one
+    activation-sized allocation fewer)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return x * torch.sigmoid(x)
+    return torch.sigmoid(x).mul_(x)
 # Which weights of an official file to load: auto = what the family's official AR sampler decodes with.
 WEIGHT_CHOICES = ("auto", "ema", "raw")
 

@@ -15,11 +15,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tokenizer.common.errors import BadFileError, ConfigError
 from tokenizer.common.settings import known_fields, preset_fields
-from tokenizer.base import IMAGE_CHANNELS, CodeTokenizer
+from tokenizer.base import IMAGE_CHANNELS, CodeTokenizer, swish
 
 NORM_GROUPS = 32
 EPS = 1e-6
@@ -109,8 +108,8 @@ class ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
         return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
@@ -215,7 +214,7 @@ class Encoder(nn.Module):
             x = level(x)
         for block in self.mid_block:
             x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(swish(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -237,7 +236,7 @@ class Decoder(nn.Module):
             x = block(x)
         for i in reversed(range(len(self.up))):
             x = self.up[i](self.adaptive[i](x, z))
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(swish(self.norm_out(x)))
 
 
 def _bit_tables(factorized_bits: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
