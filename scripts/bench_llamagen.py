@@ -22,7 +22,8 @@ extract: `autoregressive/train/extract_codes_c2i.py --ten-crop --debug` (its tra
 train: `autoregressive/train/train_c2i.py`'s step (`model(cond_idx, idx, targets)` under autocast, GradScaler,
     clip_grad_norm_ 1.0, fused AdamW with its two weight-decay groups, `update_ema`, `loss.item()`) against our
     step (gpt.train.GPTStep with the Trainer: accelerate autocast, clip, AdamW, schedule, on-device metrics, EMA),
-    on the same synthetic codes, both eager (train_c2i.py compiles unless --no-compile; our default is eager).
+    on the same synthetic codes, both eager (train_c2i.py compiles unless --no-compile; our default is eager). The
+    timed steps of each side run in processes of their own, alternating (LlamaGen, ours, ours, LlamaGen, ...).
     Before timing, both start from the same weights (LlamaGen's initialisation, loaded by our gpt loader) with
     every dropout off (LlamaGen's label dropout through its LabelEmbedder's dropout_prob = 0, so its table keeps
     the null-class row) and take two steps on the same batches: the losses must agree. train_c2i.py itself is
@@ -214,8 +215,7 @@ def run_side(args: argparse.Namespace, side: str, data: Path, ckpt: Path, out: P
     cmd = [sys.executable, __file__, "_extract_one", side, str(data), str(ckpt), str(out), "--image-size",
            str(args.image_size), "--workers", str(args.workers), "--batch-size", str(args.batch_size),
            "--threads", str(args.threads)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)])})
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=child_env())
     if done.returncode:
         raise SystemExit(f"{side} extraction failed (exit {done.returncode}): {done.stdout[-2000:]}")
     return float(done.stdout.strip().splitlines()[-1].split()[-1])
@@ -431,27 +431,62 @@ def bench_train(args: argparse.Namespace) -> None:
         print(f"c2i GPT-B ({args.n_layer} layers), {VOCAB} codes, {GRID}x{GRID}, batch {args.batch_size} ({tokens} tokens), dropouts 0.1, "
               f"EMA on both sides, eager, {torch.get_num_threads()} torch threads", flush=True)
         for precision in args.precisions:
-            print(check_losses(gpt_module, ema_module, precision, batches, tmp, args.n_layer), flush=True)
-            theirs_model = llamagen_model(gpt_module, 0.1, 0, args.n_layer)
-            config = our_config(0.1, args.n_layer)
-            ours = OurStep(our_weights(theirs_model, config, tmp), config, precision, tmp / f"run_{precision}",
-                           args.batch_size)
-            theirs = LlamaGenStep(theirs_model, precision, ema_module)
             seconds = {"llamagen": [], "ours": []}
-            for i in range(args.warmup + args.steps):
-                x, y = batches[i % len(batches)]
-                for name, step in (("llamagen", theirs), ("ours", ours)) if i % 2 == 0 else (("ours", ours), ("llamagen", theirs)):
-                    start = time.perf_counter()
-                    step(x, y)
-                    if i >= args.warmup:
-                        seconds[name].append(time.perf_counter() - start)
+            for r in range(args.rounds):  # each side in its own process, alternating: LlamaGen ours ours LlamaGen ...
+                for side in ("llamagen", "ours") if r % 2 == 0 else ("ours", "llamagen"):
+                    seconds[side] += train_side(args, side, precision)
             t_theirs, t_ours = statistics.median(seconds["llamagen"]), statistics.median(seconds["ours"])
             print(f"{precision}: LlamaGen {tokens / t_theirs:,.0f} tokens/s ({t_theirs:.2f} s/step), ours "
-                  f"{tokens / t_ours:,.0f} tokens/s ({t_ours:.2f} s/step): {t_theirs / t_ours:.2f}x "
-                  f"(medians of {args.steps} interleaved steps, load {os.getloadavg()[0]:.1f})", flush=True)
-            del ours, theirs, theirs_model
+                  f"{tokens / t_ours:,.0f} tokens/s ({t_ours:.2f} s/step): {t_theirs / t_ours:.2f}x (medians of "
+                  f"{args.rounds} x {args.steps} steps per side, load {os.getloadavg()[0]:.1f})", flush=True)
+        # after the timing: the models and optimizer states these build stay in this process's memory
+        for precision in args.precisions:
+            print(check_losses(gpt_module, ema_module, precision, batches, tmp, args.n_layer), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_side(args: argparse.Namespace, side: str, precision: str) -> list[float]:
+    """`args.steps` timed steps of one side ("llamagen" or "ours") after `args.warmup` untimed ones, in a fresh
+    process, as its own script would run them: neither side inherits the other's allocator state or caches."""
+    cmd = [sys.executable, __file__, "_train_one", side, precision, "--n-layer", str(args.n_layer), "--batch-size",
+           str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed),
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=child_env())
+    if done.returncode:
+        raise SystemExit(f"{side} {precision} training steps failed (exit {done.returncode}): {done.stdout[-2000:]}")
+    seconds = [float(t) for t in done.stdout.strip().splitlines()[-1].split()[1:]]
+    print(f"  {side} {precision}: " + ", ".join(f"{t:.2f}" for t in seconds) + f" s/step, load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    return seconds
+
+
+def train_one(args: argparse.Namespace) -> None:
+    """The child of train_side: builds the side's model from LlamaGen's initialisation and prints the step times."""
+    gpt_module = llamagen_gpt()
+    ema_module = llamagen_file("utils/ema.py", "llamagen_ema")
+    llamagen_train_module()
+    batches = synthetic_batches(args.batch_size, 4, args.seed)
+    theirs_model = llamagen_model(gpt_module, 0.1, 0, args.n_layer)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if args.side == "ours":
+            config = our_config(0.1, args.n_layer)
+            step = OurStep(our_weights(theirs_model, config, Path(tmp)), config, args.precision, Path(tmp) / "run",
+                           args.batch_size)
+        else:
+            step = LlamaGenStep(theirs_model, args.precision, ema_module)
+        seconds = []
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            step(*batches[i % len(batches)])
+            seconds.append(time.perf_counter() - start)
+    print("seconds", *(f"{t:.4f}" for t in seconds[args.warmup:]))
+
+
+def child_env() -> dict:
+    """The environment of a child run of this script: the repository and scripts/ on its path."""
+    here = Path(__file__).resolve()
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent)])}
 
 
 def llamagen_train_module() -> types.ModuleType:
@@ -491,8 +526,17 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--n-layer", type=int, default=12, help="12: GPT-B; fewer for a quick check on a slow machine")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per side, interleaved")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    p.add_argument("--rounds", type=int, default=2, help="processes per side, alternating")
     p.set_defaults(fn=bench_train)
+    p = sub.add_parser("_train_one", help="(internal) one side of `train`, run in its own process")
+    p.add_argument("side", choices=["llamagen", "ours"])
+    p.add_argument("precision", choices=["fp32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4)
+    p.set_defaults(fn=train_one)
     p = sub.add_parser("_extract_one", help="(internal) one side of `extract`, run in its own process")
     for name in ("side", "data", "ckpt", "out"):
         p.add_argument(name)

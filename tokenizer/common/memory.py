@@ -8,7 +8,8 @@ CPU of the README's benchmarks that was 573,000 page faults and about a fifth of
 and trimming off, freed activations are reused by the next ones (no faults after the first batch or two); the
 numbers computed do not change, only where their memory comes from. The price: the process keeps its peak heap,
 plus what fragmentation adds (3.5 -> 3.8 GB there; a synthetic pattern of 320 MB tensors, 1.8 -> 3.4 GB), until it
-exits. Only CPU extraction asks for it (tokenizer/extract.py).
+exits. CPU extraction (tokenizer/extract.py) and CPU training (the Trainer, tokenizer/common/runs.py) ask for it:
+GPT-B's bf16 training step went from 3.9 to 2.8 s on the same machine.
 """
 from __future__ import annotations
 

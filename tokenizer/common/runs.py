@@ -35,6 +35,7 @@ from tokenizer.common import validate as v
 from tokenizer.common.errors import ConfigError, MissingFileError, OutputExistsError
 from tokenizer.common.io import read_json, write_json_atomic, write_text_atomic
 from tokenizer.common.lock import lock_out_dir, unlock_out_dir
+from tokenizer.common.memory import keep_freed_cpu_memory
 from tokenizer.common.precision import PRECISIONS, accelerate_precision
 from tokenizer.common.settings import json_ready, refuse_mismatch
 
@@ -324,6 +325,8 @@ class Trainer:
         # does, so a per-rank seed here would shard a different model on every rank. prepare() then seeds per rank.
         set_seed(cfg.seed)
         self.device = self.accelerator.device
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()  # a step's freed activations serve the next step's without page faults
         self.is_fsdp = self.accelerator.distributed_type == DistributedType.FSDP
         self.ema: EMA | ShardedEMA | None = None
         self.first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # first non-finite step, 0: none
