@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from conftest import family_fixture
+from tokenizer.base import swish
+from tokenizer.extract import encoder_layout
 from tokenizer.families.vqgan.model import PRESETS, VQGAN, VQGANConfig, chunked_argmax
 from tokenizer.families.vqgan.official import _ibq_ema, llamagen_to_vqgan
 
@@ -108,3 +110,27 @@ def test_z_channels_need_not_be_a_multiple_of_32():
     assert codes.shape == (1, 4, 4, 1) and model.decode_codes(codes).shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match="multiples of 32"):
         VQGANConfig(codebook_size=16, codebook_dim=4, quantizer="dot", ch=48, ch_mult=[1, 2])
+
+
+def test_swish_is_the_official_product_with_and_without_autograd():
+    """x * sigmoid(x) exactly, as LlamaGen, IBQ and Open-MAGVIT2 compute it: F.silu rounds differently, which flipped
+    a VQ-16 code against LlamaGen's own extraction (README, benchmarks)."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4
+    want = x * torch.sigmoid(x)
+    with torch.no_grad():
+        assert torch.equal(swish(x), want)  # the in-place branch
+    leaf = x.clone().requires_grad_()
+    out = swish(leaf)
+    assert torch.equal(out.detach(), want)
+    out.sum().backward()
+    s = torch.sigmoid(x)
+    assert torch.allclose(leaf.grad, s * (1 + x * (1 - s)), rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_cpu_extraction_keeps_the_official_layout():
+    """fp32 codes are promised identical to the official loop's: only bf16 CPU runs go channels_last."""
+    cpu = torch.device("cpu")
+    assert encoder_layout(cpu, "llamagen_vq", None) == torch.contiguous_format
+    assert encoder_layout(cpu, "llamagen_vq", torch.bfloat16) == torch.channels_last
+    assert encoder_layout(cpu, "mgvq", torch.bfloat16) == torch.contiguous_format
+    assert encoder_layout(torch.device("cuda"), "ibq", torch.bfloat16) == torch.contiguous_format

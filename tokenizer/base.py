@@ -16,6 +16,8 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return x * torch.sigmoid(x)
     return torch.sigmoid(x).mul_(x)
+
+
 # Which weights of an official file to load: auto = what the family's official AR sampler decodes with.
 WEIGHT_CHOICES = ("auto", "ema", "raw")
 

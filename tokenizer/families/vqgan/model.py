@@ -127,7 +127,8 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         # the official order of operations (two bmm, the scale applied to the scores), not SDPA, whose other
-        # rounding flipped a near-tied code: at most 256 pixels here, so the speed is the same
+        # rounding flipped a near-tied code; attention sits only at the coarsest level (16x16 at 256px), where its
+        # cost is small beside the convolutions
         q, k, v = (m(h).flatten(2) for m in (self.q, self.k, self.v))  # (B, C, HW)
         weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * int(C) ** -0.5, dim=2)  # (B, HW queries, HW keys)
         y = torch.bmm(v, weights.transpose(1, 2)).reshape(B, C, H, W)
